@@ -1,0 +1,203 @@
+#!/usr/bin/env python
+"""Benchmark every registered clusterer on synthetic, VOC-sized SC-CAM features.
+
+SC-CAM clusters, for each of the 20 PASCAL VOC classes, the image-level features of the
+training images containing that class (16,458 image-class pairs over 10,582 images, 4,096-dim
+features) into K=10 sub-categories.  This script rebuilds that workload with synthetic
+features of the same shape, runs each clusterer on every class and prints:
+
+* wall time for all classes,
+* total inertia (within-cluster sum of squares of the returned partition, the same measure for
+  every algorithm) relative to scikit-learn ``KMeans(n_init=10)``, the SC-CAM original,
+* the threads used by torch and by the native libraries (threadpoolctl).
+
+Usage::
+
+    python benchmarks/clustering.py --quick        # ~10% of the rows, 512 dims, no slow ones
+    python benchmarks/clustering.py                # full size, every clusterer (minutes)
+    python benchmarks/clustering.py --only kmeans torch-kmeans
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+# Per-class counts of VOC 2012 train_aug images containing each class (SC-CAM's clusters).
+VOC_CLASS_SIZES: dict[str, int] = {
+    "aeroplane": 590, "bicycle": 504, "bird": 705, "boat": 468, "bottle": 714,
+    "bus": 393, "car": 1150, "cat": 1005, "chair": 1228, "cow": 267,
+    "diningtable": 613, "dog": 1188, "horse": 445, "motorbike": 492, "person": 4155,
+    "pottedplant": 522, "sheep": 300, "sofa": 649, "train": 503, "tvmonitor": 567,
+}  # fmt: skip
+
+#: Clusterers whose cost grows as N^2 (or worse); ``--quick`` leaves them out.
+SLOW_CLUSTERERS = frozenset({"agglomerative", "spectral"})
+
+PLUGIN_MODULES = ("clusterers_sklearn", "clusterer_torch")
+REFERENCE = "kmeans"
+
+
+def import_plugin_modules() -> list[ModuleType]:
+    """Import the clusterer plugin modules, from the installed package or from this checkout."""
+    repo_root = Path(__file__).resolve().parents[1]
+    try:
+        importlib.import_module("wsss_bench.errors")
+    except ImportError:
+        sys.path.insert(0, str(repo_root))
+    try:
+        importlib.import_module("wsss_bench_plugins")
+        package = "wsss_bench_plugins"
+    except ImportError:
+        # Not pip-installed: the plugins/ folder is importable as "plugins" from the repo root.
+        if str(repo_root) not in sys.path:
+            sys.path.insert(0, str(repo_root))
+        package = "plugins"
+    return [importlib.import_module(f"{package}.{name}") for name in PLUGIN_MODULES]
+
+
+def collect_clusterers() -> dict[str, tuple[Callable[..., Any], Any, str]]:
+    """``{name: (factory, options_model, help)}`` from each module's ``register_clusterers``."""
+    found: dict[str, tuple[Callable[..., Any], Any, str]] = {}
+
+    def register(name: str, factory: Callable[..., Any], help: str = "", options: Any = None) -> None:
+        if name in found:
+            raise RuntimeError(f"clusterer {name!r} registered twice")
+        found[name] = (factory, options, help)
+
+    for module in import_plugin_modules():
+        module.register_clusterers(register=register)
+    return found
+
+
+def make_class_features(
+    n_rows: int, dim: int, class_index: int, seed: int = 0, rank: int = 48
+) -> np.ndarray:
+    """Synthetic pooled-CNN-like features for one class: ``(n_rows, dim)`` float32, >= 0.
+
+    A class has 6-14 latent sub-categories of unequal sizes (Dirichlet weights), drawn as a
+    gaussian mixture in a ``rank``-dimensional subspace, mapped to ``dim`` dimensions by a basis
+    shared by all classes, plus per-dimension noise, then passed through a ReLU as the last
+    layer of a ResNet does.  Sub-categories overlap, so k-means restarts do matter.
+    """
+    basis_rng = np.random.default_rng(seed)  # same basis for every class, like one backbone
+    basis = basis_rng.standard_normal((rank, dim)) / np.sqrt(rank)
+    rng = np.random.default_rng([seed, class_index + 1])
+    class_centre = rng.normal(0.0, 1.5, size=rank)
+    n_sub = int(rng.integers(6, 15))
+    sub_centres = class_centre + rng.normal(0.0, 1.0, size=(n_sub, rank))
+    weights = rng.dirichlet(np.full(n_sub, 1.5))
+    assignment = rng.choice(n_sub, size=n_rows, p=weights)
+    latent = sub_centres[assignment] + rng.normal(0.0, 0.7, size=(n_rows, rank))
+    features = latent @ basis - 0.3 + rng.normal(0.0, 0.5, size=(n_rows, dim))
+    return np.maximum(features, 0.0).astype(np.float32)
+
+
+def thread_report() -> str:
+    """One line describing the threads torch and the native BLAS/OpenMP libraries use."""
+    parts = []
+    try:
+        import torch
+
+        parts.append(f"torch {torch.__version__}: {torch.get_num_threads()} intra-op threads")
+    except ImportError:  # pragma: no cover - torch is a hard dependency of wsss-bench
+        parts.append("torch not installed")
+    try:
+        from threadpoolctl import threadpool_info
+
+        for info in threadpool_info():
+            name = info.get("internal_api", "?")
+            library = Path(info.get("filepath", "")).name
+            parts.append(f"{name} ({library}): {info.get('num_threads')} threads")
+    except ImportError:
+        parts.append("threadpoolctl not installed")
+    return "; ".join(parts)
+
+
+def run_benchmark(args: argparse.Namespace) -> int:
+    """Generate the data, run the selected clusterers and print the table."""
+    clusterers = collect_clusterers()
+    names = list(args.only) if args.only else list(clusterers)
+    unknown = [name for name in names if name not in clusterers]
+    if unknown:
+        print(f"unknown clusterer(s): {', '.join(unknown)}; known: {', '.join(clusterers)}")
+        return 2
+    if args.quick and not args.only:
+        names = [name for name in names if name not in SLOW_CLUSTERERS]
+    names = [name for name in names if name not in set(args.skip)]
+    # The reference runs first so its per-class inertia is known for the ratio column.
+    if REFERENCE in names:
+        names.remove(REFERENCE)
+        names.insert(0, REFERENCE)
+
+    sizes = {c: max(args.k + 1, int(round(n * args.row_fraction))) for c, n in VOC_CLASS_SIZES.items()}
+    t0 = time.perf_counter()
+    data = {c: make_class_features(n, args.dim, i, args.seed) for i, (c, n) in enumerate(sizes.items())}
+    print(f"data: {sum(sizes.values())} rows x {args.dim} dims over {len(sizes)} classes, "
+          f"K={args.k}, seed={args.seed} (generated in {time.perf_counter() - t0:.1f} s)")
+    print(f"threads: {thread_report()}")
+    print()
+
+    header = f"{'clusterer':<18} {'time (s)':>9} {'inertia/kmeans':>15} {'worst class':>12}  notes"
+    print(header)
+    print("-" * len(header))
+    reference: dict[str, float] | None = None
+    for name in names:
+        factory, _, _ = clusterers[name]
+        clusterer = factory()
+        inertia: dict[str, float] = {}
+        n_iter: list[int] = []
+        start = time.perf_counter()
+        for cls, features in data.items():
+            clusterer.fit_predict(features, args.k, args.seed)
+            stats = getattr(clusterer, "last_stats", {}) or {}
+            inertia[cls] = float(stats.get("inertia", float("nan")))
+            if "n_iter" in stats:
+                n_iter.append(int(stats["n_iter"]))
+        elapsed = time.perf_counter() - start
+        if name == REFERENCE:
+            reference = inertia
+        if reference is not None:
+            ratio = f"{sum(inertia.values()) / sum(reference.values()):.5f}"
+            worst = f"{max(inertia[c] / reference[c] for c in data):.4f}"
+        else:
+            ratio = worst = "n/a"
+        notes = f"mean n_iter {np.mean(n_iter):.1f}" if n_iter else ""
+        print(f"{name:<18} {elapsed:>9.2f} {ratio:>15} {worst:>12}  {notes}", flush=True)
+    return 0
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="10%% of the rows, 512 dims, skip the slow (N^2) clusterers")
+    parser.add_argument("--dim", type=int, default=None, help="feature dimension (default 4096)")
+    parser.add_argument("--row-fraction", type=float, default=None,
+                        help="fraction of each class's rows to generate (default 1.0)")
+    parser.add_argument("--k", type=int, default=10, help="clusters per class (default 10)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", nargs="+", default=None, metavar="NAME",
+                        help="run only these clusterers (slow ones included even with --quick)")
+    parser.add_argument("--skip", nargs="+", default=[], metavar="NAME")
+    args = parser.parse_args(argv)
+    if args.dim is None:
+        args.dim = 512 if args.quick else 4096
+    if args.row_fraction is None:
+        args.row_fraction = 0.1 if args.quick else 1.0
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point."""
+    return run_benchmark(parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""YAML presets and recipes shipped with wsss-bench (read with importlib.resources)."""

@@ -1,0 +1,1 @@
+"""Built-in wsss-bench plugins, registered through the ``wsss_bench`` entry-point group."""

@@ -1,0 +1,174 @@
+"""SC-CAM (Chang et al., CVPR 2020): sub-category exploration over R rounds.
+
+Round 0 is the baseline classifier (trained, or a user checkpoint such as PSA's
+``res38_cls.pth``).  Each round r = 1..R then:
+
+1. extracts one feature per training image with the round r-1 model (GAP of the last map);
+2. clusters, per parent class, the features of the images holding that class into K
+   sub-categories with a clusterer plugin;
+3. trains a classifier with a parent head and a C·K sub-category head (index ``c·K + k``),
+   loss = parent + λ·sub, from the initial weights again (the paper's choice; configurable).
+
+CAMs are read from the parent head.  K larger than a class's image count is clipped to that
+count (each image its own sub-category); per-class K is set with ``k_per_class``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from wsss_bench.errors import ConfigError
+from wsss_bench.hookspecs import hookimpl
+
+
+class ClustererChoice(BaseModel):
+    """Which clusterer plugin groups the features, with its options."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = "kmeans"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class SubcatOptions(BaseModel):
+    """Options of the ``subcat`` method (defaults follow SC-CAM's code)."""
+
+    model_config = ConfigDict(extra="forbid")
+    rounds: int = Field(default=3, ge=1, le=20)
+    k: int = Field(default=10, ge=1, description="sub-categories per parent class")
+    k_per_class: dict[str, int] = Field(default_factory=dict, description="per-class K by class name")
+    loss_weight: float = Field(default=5.0, ge=0, description="λ, weight of the sub-category loss")
+    clusterer: ClustererChoice = Field(default_factory=ClustererChoice)
+    reinit_each_round: bool = Field(default=True, description="restart every round from the initial weights (paper); false fine-tunes the previous round")
+    round0_weights: Optional[Path] = Field(default=None, description="round-0 checkpoint, e.g. PSA res38_cls.pth")
+    snapshot_epochs: Optional[list[int]] = Field(default=None, description="epoch kept per round 1..R (SC-CAM: 30, 40, 50)")
+    sub_head_cams: bool = Field(default=False, description="also score the merged sub-category maps")
+    eval_every_round: bool = True
+
+
+def class_k(options: SubcatOptions, class_names: list[str]) -> list[int]:
+    """K per parent class."""
+    unknown = sorted(set(options.k_per_class) - set(class_names))
+    if unknown:
+        raise ConfigError(f"method.options.k_per_class names unknown classes {unknown}; "
+                          f"classes are {class_names}")
+    return [options.k_per_class.get(name, options.k) for name in class_names]
+
+
+def cluster_per_class(features: np.ndarray, labels: np.ndarray, ks: list[int], clusterer: Any,
+                      seed: int) -> np.ndarray:
+    """Sub-category id per (image, class): ``[N, C]`` int64, -1 where the image lacks the class."""
+    assignment = np.full(labels.shape, -1, np.int64)
+    for c, k in enumerate(ks):
+        members = np.flatnonzero(labels[:, c] > 0)
+        if members.size == 0:
+            continue
+        assignment[members, c] = clusterer.fit_predict(features[members], k, seed)
+    return assignment
+
+
+def subcategory_targets(assignment: np.ndarray, k_max: int) -> np.ndarray:
+    """Multi-hot ``[N, C·K]`` targets: one active sub-category per present parent."""
+    n, c = assignment.shape
+    targets = np.zeros((n, c * k_max), np.float32)
+    rows, classes = np.nonzero(assignment >= 0)
+    targets[rows, classes * k_max + assignment[rows, classes]] = 1.0
+    return targets
+
+
+def changed_since(previous: Optional[np.ndarray], current: np.ndarray) -> Optional[int]:
+    """(image, class) pairs whose sub-category changed, after matching cluster ids per class.
+
+    Cluster ids are arbitrary across rounds, so each class's ids are matched one-to-one by the
+    Hungarian algorithm on the overlap table before counting disagreements.
+    """
+    if previous is None:
+        return None
+    from scipy.optimize import linear_sum_assignment
+
+    changed = 0
+    for c in range(current.shape[1]):
+        members = current[:, c] >= 0
+        a, b = previous[members, c], current[members, c]
+        if a.size == 0:
+            continue
+        table = np.zeros((a.max() + 1, b.max() + 1), np.int64)
+        np.add.at(table, (a, b), 1)
+        rows, cols = linear_sum_assignment(-table)
+        changed += int(a.size - table[rows, cols].sum())
+    return changed
+
+
+def cluster_stats(assignment: np.ndarray, previous: Optional[np.ndarray],
+                  class_names: list[str]) -> dict[str, Any]:
+    """Cluster sizes per class and how many assignments moved since the last round."""
+    sizes = {name: np.bincount(assignment[assignment[:, c] >= 0, c]).tolist()
+             for c, name in enumerate(class_names)}
+    return {"sizes": sizes, "pairs": int((assignment >= 0).sum()),
+            "changed": changed_since(previous, assignment)}
+
+
+class SubCategoryCam:
+    """The SC-CAM method (see the module docstring)."""
+
+    def __init__(self, **options: Any) -> None:
+        self.options = SubcatOptions(**options)
+
+    def run(self, ctx: Any) -> dict[str, Any]:
+        opts = self.options
+        ks = class_k(opts, ctx.class_names)
+        k_max = max(ks)
+        clusterer = ctx.clusterer(opts.clusterer.name, opts.clusterer.options)
+        labels = np.stack([ctx.train_set.label(i) for i in ctx.train_set.ids])
+        if opts.round0_weights is not None:
+            model = ctx.load_classifier(opts.round0_weights)
+        else:
+            model = ctx.new_classifier()
+            ctx.train(model, "round0")
+        rows = ctx.cams_and_scores(model, "round0", row={"round": 0}) if opts.eval_every_round else []
+        previous: Optional[np.ndarray] = None
+        stats: dict[str, Any] = {}
+        for r in range(1, opts.rounds + 1):
+            features = ctx.features(model, f"round{r - 1}")
+            assignment = cluster_per_class(features, labels, ks, clusterer, ctx.config.seed)
+            stats[f"round{r}"] = cluster_stats(assignment, previous, ctx.class_names)
+            ctx.save_array(f"subcategories/round{r}.npy", assignment)
+            previous = assignment
+            targets = subcategory_targets(assignment, k_max)
+            next_model = ctx.new_classifier(sub_classes=len(ks) * k_max)
+            if not opts.reinit_each_round:  # fine-tune: carry the backbone and parent head over
+                next_model.backbone.load_state_dict(model.backbone.state_dict())
+                next_model.heads["parent"].load_state_dict(model.heads["parent"].state_dict())
+            snapshot = opts.snapshot_epochs[r - 1] if opts.snapshot_epochs and len(opts.snapshot_epochs) >= r else None
+            ctx.train(next_model, f"round{r}", extra_targets={"sub": targets},
+                      loss_weights={"sub": opts.loss_weight}, seed_offset=r, snapshot_epoch=snapshot)
+            model = next_model
+            last = r == opts.rounds
+            if opts.eval_every_round or last:
+                rows += ctx.cams_and_scores(model, f"round{r}", row={"round": r, "final": last})
+                if opts.sub_head_cams:
+                    rows += ctx.cams_and_scores(model, f"round{r}", head="sub", row={"round": r})
+        return {"rows": rows, "extra": {"clusters": stats},
+                "tables": {"Sub-category clusters per round": cluster_table(stats)}}
+
+
+def cluster_table(stats: dict[str, Any]) -> str:
+    """Markdown: per round, cluster-size range and how many assignments changed."""
+    from wsss_bench.evaluation.tables import markdown_table
+
+    body = []
+    for tag, s in stats.items():
+        sizes = [n for per_class in s["sizes"].values() for n in per_class]
+        changed = "–" if s["changed"] is None else f"{s['changed']} ({100 * s['changed'] / max(1, s['pairs']):.1f} %)"
+        body.append([tag, s["pairs"], min(sizes) if sizes else 0, int(np.median(sizes)) if sizes else 0,
+                     max(sizes) if sizes else 0, changed])
+    return markdown_table(["round", "(image, class) pairs", "min size", "median size", "max size",
+                           "changed since previous round"], body)
+
+
+@hookimpl
+def register_methods(register: Any) -> None:
+    register("subcat", SubCategoryCam, help="SC-CAM: sub-category exploration, R rounds (CVPR 2020)",
+             options=SubcatOptions)

@@ -1,0 +1,1 @@
+"""The ``wsss`` command line."""

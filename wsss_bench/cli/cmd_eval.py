@@ -1,0 +1,49 @@
+"""``wsss eval``: score a folder of CAM files."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from .. import io
+from ..evaluation.tables import results_markdown
+
+
+@click.command("eval")
+@click.option("--cams", "cam_dir", required=True, type=click.Path(path_type=Path), help="Folder of <id>.npz CAM files.")
+@click.option("--data-root", required=True, type=click.Path(path_type=Path), help="VOC-layout root with masks.")
+@click.option("--split", default="train", show_default=True, help="Split list to score.")
+@click.option("--threshold", default=0.15, show_default=True, type=click.FloatRange(0, 1), help="Constant background score.")
+@click.option("--labels", "labels_file", type=click.Path(path_type=Path), help="Image-level labels JSON (else from masks).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), help="Write results.json and results.md here.")
+def eval_command(cam_dir: Path, data_root: Path, split: str, threshold: float,
+                 labels_file: Optional[Path], device: str, out: Optional[Path]) -> None:
+    """Score CAM files against ground-truth masks (mIoU, per-class IoU)."""
+    from ..device import resolve_device
+    from ..evaluation.evaluate import evaluate_cams
+    from ..data.voc import open_split
+
+    start = time.perf_counter()
+    dataset = open_split(data_root, split, labels_file)
+    dev = resolve_device(device)
+    result = evaluate_cams(cam_dir, dataset, threshold, dev)
+    row = {"tag": "eval", "head": "parent", "split": split, "miou": result.miou,
+           "num_images": result.num_images, "protocol": result.protocol,
+           "per_class": result.per_class, "cams": str(cam_dir)}
+    results = {"method": "eval", "backbone": "-", "dataset": str(data_root), "seed": None,
+               "device": str(dev), "threshold_policy": "fixed", "threshold": threshold,
+               "eval_splits": [split], "miou": {split: result.miou}, "rows": [row], "final": [row],
+               "wall_time_s": round(time.perf_counter() - start, 2)}
+    text = results_markdown(results)
+    if out is not None:
+        io.write_json(out / "results.json", results)
+        io.write_text(out / "results.md", text)
+    click.echo(text)
+
+
+def register(cli: click.Group) -> None:
+    """Add the command to the group."""
+    cli.add_command(eval_command)

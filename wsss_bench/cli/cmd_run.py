@@ -1,0 +1,34 @@
+"""``wsss run``: train, infer CAMs, evaluate, print the table."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import click
+
+from .options import config_options, resolve_config
+
+
+@click.command("run")
+@config_options
+@click.option("--out", type=click.Path(path_type=Path), help="Run directory (default runs/<time>-<method>-<backbone>).")
+@click.option("--resume", is_flag=True, help="Continue a run in an existing --out folder.")
+@click.option("--dry-run", is_flag=True, help="Resolve and validate the config, print it, run nothing.")
+def run_command(out: Optional[Path], resume: bool, dry_run: bool, **flags: Any) -> None:
+    """Run a CAM method end to end and print its mIoU table."""
+    config = resolve_config(**flags)
+    if dry_run:
+        import yaml
+
+        click.echo(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        return
+    from ..runner import run
+
+    results = run(config, out, resume)
+    click.echo((Path(results["run_dir"]) / "results.md").read_text())
+    click.echo(f"run directory: {results['run_dir']}")
+
+
+def register(cli: click.Group) -> None:
+    """Add the command to the group."""
+    cli.add_command(run_command)

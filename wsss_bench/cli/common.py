@@ -1,0 +1,39 @@
+"""Shared CLI plumbing: user errors become one line and exit code 2."""
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from typing import Any
+
+import click
+
+from ..errors import UserError
+
+
+class UserFacingError(click.ClickException):
+    """A :class:`UserError` shown as ``Error: <message>`` with exit status 2."""
+
+    exit_code = 2
+
+
+class WsssGroup(click.Group):
+    """A click group that turns user errors raised by any sub-command into clean exits."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            raise UserFacingError(str(exc)) from None
+
+
+def setup_logging(quiet: bool = False) -> None:
+    """Log to stderr; plugin warnings are shown once, as one line each."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s", force=True)
+    warnings.filterwarnings("default")
+
+    def one_line(message: Any, category: Any, filename: str, lineno: int, file: Any = None,
+                 line: Any = None) -> None:
+        print(f"warning: {message}", file=sys.stderr)
+
+    warnings.showwarning = one_line  # type: ignore[assignment]

@@ -1,0 +1,224 @@
+"""Run configuration: YAML presets, user files and ``--set`` overrides, validated by pydantic.
+
+Resolution order (later wins): ``configs/base.yaml`` → ``configs/presets/<preset>.yaml`` →
+``--config FILE`` (may name ``preset:`` itself) → command-line flags → ``--set key=value``.
+Unknown keys anywhere are errors.  Plugin-specific sections (``backbone.options``,
+``method.options``, ``dataset.options``) are validated by the plugin's own options model.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import ConfigError
+from .registry import format_validation_error
+
+
+class Strict(BaseModel):
+    """Base model: unknown keys are errors and values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ComponentConfig(Strict):
+    """A plugin component chosen by name, with its own options."""
+
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class DatasetConfig(Strict):
+    """Which data to use.  ``name: null`` with a ``root`` reads a VOC-layout tree as it is."""
+
+    name: Optional[str] = "synthetic"
+    root: Optional[Path] = None
+    options: dict[str, Any] = Field(default_factory=dict)
+    train_split: str = "train_aug"
+    eval_splits: list[str] = Field(default_factory=lambda: ["train", "val"])
+    max_images: Optional[int] = Field(default=None, ge=1)
+    labels_file: Optional[Path] = None
+
+
+class TrainConfig(Strict):
+    """Classifier training (defaults follow SC-CAM, scaled by presets)."""
+
+    epochs: int = Field(default=10, ge=1)
+    batch_size: int = Field(default=16, ge=1)
+    lr: float = Field(default=0.01, gt=0)
+    head_lr_mult: float = Field(default=10.0, gt=0)
+    weight_decay: float = Field(default=5e-4, ge=0)
+    # PSA's PolyOptimizer passes weight_decay in SGD's momentum slot, so the published models were
+    # trained with momentum = weight decay (effectively plain SGD).  Keep it to reproduce them.
+    psa_momentum_quirk: bool = True
+    momentum: float = Field(default=0.0, ge=0, lt=1)
+    poly_power: float = Field(default=0.9, ge=0)
+    crop_size: int = Field(default=224, ge=8)
+    resize_long: tuple[int, int] = (256, 512)
+    color_jitter: tuple[float, float, float, float] = (0.3, 0.3, 0.3, 0.1)
+    head_dropout: float = Field(default=0.5, ge=0, lt=1)
+    num_workers: int = Field(default=0, ge=0)
+    init_weights: Optional[Path] = None
+    snapshot_epoch: Optional[int] = Field(default=None, ge=0)
+
+    @field_validator("resize_long")
+    @classmethod
+    def _ordered(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if value[0] < 1 or value[0] > value[1]:
+            raise ValueError("must be two sizes [low, high] with 1 <= low <= high")
+        return value
+
+
+class CamConfig(Strict):
+    """CAM inference."""
+
+    scales: list[float] = Field(default_factory=lambda: [1.0, 0.5, 1.5, 2.0])
+    flip: bool = True
+    head: str = "parent"
+
+    @field_validator("scales")
+    @classmethod
+    def _positive(cls, value: list[float]) -> list[float]:
+        if not value or any(s <= 0 for s in value):
+            raise ValueError("must be a non-empty list of positive scales")
+        return value
+
+
+class EvalConfig(Strict):
+    """Scoring of CAMs against pixel ground truth."""
+
+    threshold: float = Field(default=0.15, ge=0, le=1)
+    threshold_policy: Literal["fixed"] = "fixed"
+
+
+class RunConfig(Strict):
+    """Everything one ``wsss run`` needs."""
+
+    seed: int = 0
+    device: str = "auto"
+    preset: Optional[str] = None
+    quiet: bool = False
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    backbone: ComponentConfig = Field(default_factory=lambda: ComponentConfig(name="resnet38d"))
+    method: ComponentConfig = Field(default_factory=lambda: ComponentConfig(name="cam"))
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    cams: CamConfig = Field(default_factory=CamConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON/YAML-safe dict (paths as strings)."""
+        return json.loads(self.model_dump_json())
+
+    def digest(self) -> str:
+        """A short hash of the resolved configuration."""
+        text = json.dumps(self.to_dict(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _packaged_yaml(relative: str) -> dict[str, Any]:
+    try:
+        text = resources.files("wsss_bench_configs").joinpath(relative).read_text()
+    except (FileNotFoundError, ModuleNotFoundError):
+        raise ConfigError(f"no packaged config {relative!r}") from None
+    return _parse_yaml(text, relative)
+
+
+def packaged_presets() -> list[str]:
+    """Names of the presets shipped in ``configs/presets``."""
+    folder = resources.files("wsss_bench_configs").joinpath("presets")
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _parse_yaml(text: str, source: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"{source}: invalid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def read_yaml_file(path: Path) -> dict[str, Any]:
+    """Read a user YAML file into a dict, with one-line errors."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config file ({exc.__class__.__name__})") from None
+    return _parse_yaml(text, str(path))
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``override`` into a copy of ``base``; mappings merge, everything else replaces.
+
+    A layer that names a different component (``name``) without giving its ``options`` drops
+    the options of the component it replaces: they were written for that other plugin.
+    """
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            previous = out[key]
+            if "name" in value and value["name"] != previous.get("name") and "options" not in value:
+                previous = {k: v for k, v in previous.items() if k != "options"}
+            out[key] = deep_merge(previous, value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """Turn ``a.b.c=value`` into ``{"a": {"b": {"c": value}}}``; the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. train.epochs=5")
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".")]
+    if not all(parts):
+        raise ConfigError(f"--set {text!r}: empty key component")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    nested: dict[str, Any] = {parts[-1]: value}
+    for part in reversed(parts[:-1]):
+        nested = {part: nested}
+    return nested
+
+
+def load_config(preset: Optional[str] = None, config_file: Optional[Path] = None,
+                overrides: Optional[list[dict[str, Any]]] = None,
+                sets: Optional[list[str]] = None) -> RunConfig:
+    """Resolve and validate a configuration (see the module docstring for the order)."""
+    user = read_yaml_file(config_file) if config_file else {}
+    chosen = preset or user.get("preset") or "default"
+    if chosen not in packaged_presets():
+        raise ConfigError(f"unknown preset {chosen!r}; available: {', '.join(packaged_presets())}")
+    data = deep_merge(_packaged_yaml("base.yaml"), _packaged_yaml(f"presets/{chosen}.yaml"))
+    data = deep_merge(data, user)
+    for layer in overrides or []:
+        data = deep_merge(data, layer)
+    for item in sets or []:
+        data = deep_merge(data, parse_override(item))
+    data["preset"] = chosen
+    return validate_config(data)
+
+
+def validate_config(data: dict[str, Any]) -> RunConfig:
+    """Validate a config dict, turning pydantic errors into one ConfigError line."""
+    try:
+        return RunConfig(**data)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid config: {format_validation_error(exc)}") from None
+    except TypeError as exc:
+        raise ConfigError(f"invalid config: {exc}") from None

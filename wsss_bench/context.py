@@ -1,0 +1,192 @@
+"""What a method plugin gets to work with: data, device, run directory and the shared steps.
+
+Methods compose these steps (train a classifier, extract features, cluster, infer CAMs,
+evaluate) rather than re-implementing them, so every method writes the same artifacts:
+
+    RUN/checkpoints/<tag>.pth     classifier weights (our format; PSA/SC-CAM files also load)
+    RUN/features/<tag>.npy        image-level features of the training split
+    RUN/cams/<tag>/<split>/<id>.npz
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from . import checkpoints, io
+from .components import create_backbone, create_clusterer
+from .config import RunConfig
+from .data.voc import VOCDataset
+from .engine.cams import extract_features, infer_split
+from .engine.model import PARENT, Classifier
+from .engine.train import train_classifier
+from .errors import ConfigError, WeightsError
+from .evaluation.evaluate import EvalResult, evaluate_cams
+
+log = logging.getLogger("wsss_bench")
+
+
+def digest(obj: Any) -> str:
+    """A short stable hash of a JSON-able object or numpy array."""
+    h = hashlib.sha256()
+    if isinstance(obj, np.ndarray):
+        h.update(str(obj.dtype).encode() + str(obj.shape).encode())
+        h.update(np.ascontiguousarray(obj).tobytes())
+    else:
+        h.update(json.dumps(obj, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class MethodContext:
+    """Shared state and steps for one run."""
+
+    config: RunConfig
+    run_dir: Path
+    device: torch.device
+    train_set: VOCDataset
+    eval_sets: dict[str, VOCDataset]
+    show_progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        """Foreground classes C."""
+        return self.train_set.num_classes
+
+    @property
+    def class_names(self) -> list[str]:
+        """Foreground class names."""
+        return self.train_set.class_names
+
+    def info(self, message: str) -> None:
+        """Log a progress message."""
+        log.info(message)
+
+    # -- models -------------------------------------------------------------------------------
+    def new_classifier(self, sub_classes: int = 0, init_weights: Optional[Path] = None) -> Classifier:
+        """A fresh classifier on the configured backbone, optionally from pretrained weights."""
+        backbone = create_backbone(self.config.backbone.name, **self.config.backbone.options)
+        model = Classifier(backbone, self.num_classes, sub_classes, self.config.train.head_dropout)
+        weights = init_weights or self.config.train.init_weights
+        if weights is not None:
+            self.load_backbone_weights(model, Path(weights))
+        return model
+
+    def load_backbone_weights(self, model: Classifier, path: Path) -> None:
+        """Initialise the backbone only (ImageNet ``.params`` or any ``.pth``); heads stay fresh."""
+        if path.suffix.lower() == ".params":
+            loader = getattr(model.backbone, "load_pretrained", None)
+            if loader is None:
+                raise WeightsError(f"{path}: backbone {self.config.backbone.name!r} cannot read MXNet weights")
+            loader(path)
+            return
+        state = checkpoints.read_checkpoint(path)["state_dict"]
+        backbone_only = {k: v for k, v in checkpoints.to_internal_keys(state).items()
+                         if k.startswith("backbone.")}
+        checkpoints.load_into(model, backbone_only, str(path), allow_missing_heads=True)
+
+    def load_classifier(self, path: Path) -> Classifier:
+        """A classifier shaped after the heads found in ``path``, with its weights."""
+        state = checkpoints.read_checkpoint(Path(path))["state_dict"]
+        sizes = checkpoints.head_sizes(state)
+        if sizes.get(PARENT, self.num_classes) != self.num_classes:
+            raise WeightsError(f"{path}: parent head has {sizes[PARENT]} classes but the dataset "
+                               f"has {self.num_classes}")
+        backbone = create_backbone(self.config.backbone.name, **self.config.backbone.options)
+        model = Classifier(backbone, self.num_classes, sizes.get("sub", 0), self.config.train.head_dropout)
+        checkpoints.load_into(model, state, str(path))
+        return model.to(self.device).eval()
+
+    # -- steps --------------------------------------------------------------------------------
+    def checkpoint_path(self, tag: str) -> Path:
+        """Where the checkpoint of ``tag`` lives."""
+        return self.run_dir / "checkpoints" / f"{tag}.pth"
+
+    def train(self, model: Classifier, tag: str, extra_targets: Optional[dict[str, np.ndarray]] = None,
+              loss_weights: Optional[dict[str, float]] = None, seed_offset: int = 0,
+              snapshot_epoch: Optional[int] = None) -> Path:
+        """Train ``model`` (or reuse an identical earlier training) and save it as ``tag``.
+
+        ``snapshot_epoch`` (else ``train.snapshot_epoch``) keeps the weights after that epoch
+        instead of the last one.
+        """
+        cfg = self.config.train
+        if snapshot_epoch is not None:
+            cfg = cfg.model_copy(update={"snapshot_epoch": snapshot_epoch})
+        if cfg.snapshot_epoch is not None and cfg.snapshot_epoch >= cfg.epochs:
+            raise ConfigError(f"snapshot epoch {cfg.snapshot_epoch} is not below train.epochs={cfg.epochs}")
+        key = digest({"train": cfg.model_dump(mode="json"), "backbone": self.config.backbone.model_dump(),
+                      "ids": self.train_set.ids, "seed": self.config.seed + seed_offset,
+                      "targets": {k: digest(v) for k, v in (extra_targets or {}).items()},
+                      "weights": loss_weights, "heads": model.describe()})
+        path = self.checkpoint_path(tag)
+        if path.is_file():
+            found = checkpoints.read_checkpoint(path)
+            if found["meta"].get("input_digest") == key:
+                self.info(f"{tag}: reusing {path}")
+                checkpoints.load_into(model, found["state_dict"], str(path))
+                return path
+        snapshot: dict[str, Any] = {}
+
+        def keep_snapshot(epoch: int) -> None:
+            if cfg.snapshot_epoch is not None and epoch == cfg.snapshot_epoch:
+                snapshot["state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+        train_log = train_classifier(model, self.train_set, cfg, self.device, self.config.seed + seed_offset,
+                                     extra_targets, loss_weights, self.show_progress, tag, keep_snapshot)
+        if "state" in snapshot:  # SC-CAM keeps a mid-schedule epoch (30/40/50 of 61)
+            model.load_state_dict(snapshot["state"])
+        self.extra.setdefault("training", {})[tag] = {
+            "seconds": round(train_log.seconds, 2), "images_per_second": round(train_log.images_per_second, 2),
+            "losses": train_log.epoch_losses}
+        checkpoints.save_checkpoint(path, model, {"tag": tag, "input_digest": key,
+                                                  "backbone": self.config.backbone.model_dump(),
+                                                  "class_names": self.class_names, "heads": model.describe()})
+        return path
+
+    def features(self, model: Classifier, tag: str) -> np.ndarray:
+        """Image-level features of the training split, saved under ``features/<tag>.npy``."""
+        feats = extract_features(model, self.train_set, self.device, self.show_progress)
+        self.save_array(f"features/{tag}.npy", feats)
+        return feats
+
+    def save_array(self, relative: str, array: np.ndarray) -> Path:
+        """Save an array artifact under the run directory (``.npy``, never pickled)."""
+        path = self.run_dir / relative
+        io.write_with(path, lambda handle: np.save(handle, array, allow_pickle=False))
+        return path
+
+    def clusterer(self, name: str, options: Optional[dict[str, Any]] = None) -> Any:
+        """A clusterer plugin instance."""
+        return create_clusterer(name, **(options or {}))
+
+    def cams_and_scores(self, model: Classifier, tag: str, head: str = PARENT,
+                        row: Optional[dict[str, Any]] = None) -> list[dict[str, Any]]:
+        """CAMs for every evaluation split, scored; one result row per split."""
+        rows = []
+        for split, dataset in self.eval_sets.items():
+            out = self.run_dir / "cams" / (tag if head == PARENT else f"{tag}-{head}") / split
+            infer_split(model, dataset, out, self.config.cams.scales, self.config.cams.flip,
+                        self.device, head, self.show_progress)
+            result = evaluate_cams(out, dataset, self.config.eval.threshold, self.device,
+                                   stage="cam" if head == PARENT else f"cam-{head}")
+            rows.append(result_row(result, tag, head, out.relative_to(self.run_dir), row))
+        return rows
+
+
+def result_row(result: EvalResult, tag: str, head: str, cam_dir: Path,
+               extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """A machine-readable result row."""
+    return {"tag": tag, "head": head, **(extra or {}), "split": result.split,
+            "miou": result.miou, "num_images": result.num_images, "protocol": result.protocol,
+            "per_class": result.per_class, "cams": str(cam_dir)}
+
+
+MethodRunner = Callable[[MethodContext], dict[str, Any]]

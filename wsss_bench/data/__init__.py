@@ -1,0 +1,1 @@
+"""Data layer: VOC-layout reading and image transforms."""

@@ -1,0 +1,1 @@
+"""Training, feature extraction and CAM inference."""

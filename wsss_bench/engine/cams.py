@@ -1,0 +1,100 @@
+"""Multi-scale, flipped CAM inference (``sccam-method.md`` section 5.1).
+
+Per image: for each scale the bicubic-resized image and its mirror run as one batch of two,
+ReLU CAMs of the ground-truth classes are upsampled bilinearly to full resolution, the mirrored
+map is flipped back, everything is summed, and each class is divided by its max + 1e-5.
+Only the ground-truth channels are upsampled: the others are zeroed by the original code anyway.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ..data.transforms import normalize, resize_by_scale
+from ..data.voc import VOCDataset
+from ..evaluation.camfiles import write_cam
+from ..progress import progress_bar
+from .model import PARENT, SUB, Classifier
+
+EPS = 1e-5
+
+
+def _input_batch(image: Image.Image, scale: float, flip: bool) -> torch.Tensor:
+    arr = normalize(resize_by_scale(image, scale))
+    x = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))).unsqueeze(0)
+    return torch.cat([x, x.flip(-1)]) if flip else x
+
+
+def sub_channels(class_ids: Sequence[int], k: int) -> list[int]:
+    """Sub-category channel indices of the given parents (parent·K + j)."""
+    return [c * k + j for c in class_ids for j in range(k)]
+
+
+@torch.inference_mode()
+def image_cams(model: Classifier, image: Image.Image, class_ids: Sequence[int],
+               scales: Sequence[float], flip: bool, device: torch.device,
+               head: str = PARENT) -> np.ndarray:
+    """Normalised CAMs ``[len(class_ids), H, W]`` of one image.
+
+    With ``head="sub"`` each parent's K sub-category maps are normalised by their joint max
+    and merged by a pixel-wise max (the "cls200" diagnostic map of SC-CAM).
+    """
+    width, height = image.size
+    n = len(class_ids)
+    if n == 0:
+        return np.zeros((0, height, width), np.float32)
+    k = 1
+    channels = list(class_ids)
+    if head == SUB:
+        k = model.heads[SUB].out_channels // model.num_classes
+        channels = sub_channels(class_ids, k)
+    index = torch.tensor(channels, device=device)
+    total: Optional[torch.Tensor] = None
+    for scale in scales:
+        x = _input_batch(image, scale, flip).to(device)
+        cam = model.cams(x, head).index_select(1, index)
+        cam = F.interpolate(cam, size=(height, width), mode="bilinear", align_corners=False)
+        fused = cam[0] + cam[1].flip(-1) if flip else cam[0]
+        total = fused if total is None else total + fused
+    assert total is not None
+    total = total.view(n, k, height, width)
+    peak = total.amax(dim=(1, 2, 3), keepdim=True)
+    maps = (total / (peak + EPS)).amax(dim=1)
+    return maps.float().cpu().numpy()
+
+
+def infer_split(model: Classifier, dataset: VOCDataset, out_dir: Path, scales: Sequence[float],
+                flip: bool, device: torch.device, head: str = PARENT,
+                show_progress: bool = False, skip_existing: bool = True) -> int:
+    """Write ``<id>.npz`` CAM files for every image of ``dataset``; returns how many were new."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.to(device).eval()
+    written = 0
+    for image_id in progress_bar(dataset.ids, f"cams {dataset.split}", show_progress):
+        path = out_dir / f"{image_id}.npz"
+        if skip_existing and path.is_file():
+            continue
+        keys = np.flatnonzero(dataset.label(image_id))
+        cams = image_cams(model, dataset.load_image(image_id), keys.tolist(), scales, flip,
+                          device, head)
+        write_cam(path, keys, cams)
+        written += 1
+    return written
+
+
+@torch.inference_mode()
+def extract_features(model: Classifier, dataset: VOCDataset, device: torch.device,
+                     show_progress: bool = False) -> np.ndarray:
+    """SC-CAM's clustering features: GAP of the final map at scale 1.0, unflipped ``[N, D]``."""
+    model.to(device).eval()
+    rows = []
+    for image_id in progress_bar(dataset.ids, f"features {dataset.split}", show_progress):
+        x = _input_batch(dataset.load_image(image_id), 1.0, flip=False).to(device)
+        rows.append(model.pooled_features(x).float().cpu().numpy()[0])
+    return np.stack(rows).astype(np.float32)

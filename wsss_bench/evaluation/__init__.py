@@ -1,0 +1,1 @@
+"""CAM files, mIoU and result tables."""

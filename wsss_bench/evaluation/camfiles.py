@@ -1,0 +1,66 @@
+"""The CAM file format: one ``<id>.npz`` per image, never a pickle.
+
+* ``keys``: integer array ``[n]``, the 0-based foreground class ids present in the image;
+* ``cams``: float array ``[n, H, W]`` at image resolution, each map normalised to ``[0, 1]``.
+
+``cams[i]`` is the map of class ``keys[i]``; background is not stored (it comes from the
+threshold policy at evaluation time).
+"""
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .. import io
+from ..errors import CamFileError
+
+RANGE_TOLERANCE = 1e-3
+
+
+def write_cam(path: Path, keys: np.ndarray, cams: np.ndarray) -> None:
+    """Atomically write one CAM file (float32 maps, int64 keys)."""
+    io.write_npz(Path(path), keys=np.asarray(keys, np.int64), cams=np.asarray(cams, np.float32))
+
+
+def read_cam(path: Path, num_classes: Optional[int] = None,
+             size: Optional[tuple[int, int]] = None) -> tuple[np.ndarray, np.ndarray]:
+    """Read and validate one CAM file; ``size`` is the image's (H, W) when known."""
+    path = Path(path)
+    if not path.is_file():
+        raise CamFileError(f"{path}: CAM file missing")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            names = set(data.files)
+            if not {"keys", "cams"} <= names:
+                raise CamFileError(f"{path}: expected arrays 'keys' and 'cams', found {sorted(names)}")
+            keys, cams = data["keys"], data["cams"]
+    except CamFileError:
+        raise
+    except ValueError as exc:  # object arrays need pickle, which we refuse
+        raise CamFileError(f"{path}: not a plain array file ({exc}); pickled CAMs are refused — "
+                           "convert legacy files with `wsss import`") from None
+    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise CamFileError(f"{path}: unreadable CAM file ({exc})") from None
+    if keys.ndim != 1 or not np.issubdtype(keys.dtype, np.integer):
+        raise CamFileError(f"{path}: 'keys' must be a 1-D integer array, got {keys.dtype} {keys.shape}")
+    if cams.ndim != 3 or not np.issubdtype(cams.dtype, np.floating):
+        raise CamFileError(f"{path}: 'cams' must be a float array [n, H, W], got {cams.dtype} {cams.shape}")
+    if cams.shape[0] != keys.shape[0]:
+        raise CamFileError(f"{path}: {keys.shape[0]} keys but {cams.shape[0]} maps")
+    if len(np.unique(keys)) != len(keys):
+        raise CamFileError(f"{path}: duplicate class ids in 'keys'")
+    if num_classes is not None and keys.size and (keys.min() < 0 or keys.max() >= num_classes):
+        raise CamFileError(f"{path}: class ids {keys.tolist()} outside 0..{num_classes - 1}")
+    if size is not None and cams.shape[0] and tuple(cams.shape[1:]) != tuple(size):
+        raise CamFileError(f"{path}: maps are {cams.shape[2]}x{cams.shape[1]} but the image is "
+                           f"{size[1]}x{size[0]}")
+    if cams.size:
+        if not np.isfinite(cams).all():
+            raise CamFileError(f"{path}: maps contain NaN or Inf")
+        if cams.min() < -RANGE_TOLERANCE or cams.max() > 1 + RANGE_TOLERANCE:
+            raise CamFileError(f"{path}: maps must be normalised to [0, 1], found "
+                               f"[{cams.min():.3g}, {cams.max():.3g}]")
+    return keys.astype(np.int64), cams

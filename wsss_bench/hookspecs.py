@@ -1,0 +1,79 @@
+"""Hook specifications: the whole surface a wsss-bench plugin can implement.
+
+A plugin is any module or object registered under the ``wsss_bench`` entry-point group whose
+functions are decorated with :data:`wsss_bench.hookimpl`.  Registration hooks receive a
+``register`` callback so the host owns naming, validation and duplicate detection (the
+datasette/llm style); a plugin never returns lists the host would have to trust.
+
+Every hook is keyword-only and a plugin may accept a subset of the arguments.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+import pluggy
+
+if TYPE_CHECKING:  # pragma: no cover - imports for annotations only
+    import click
+
+PROJECT = "wsss_bench"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+Register = Callable[..., None]
+
+
+@hookspec
+def register_backbones(register: Register) -> None:
+    """Register backbone factories.
+
+    Call ``register(name, factory, help="one line", options=None)``.  ``factory(**options)``
+    returns an ``nn.Module`` whose ``forward(x)`` gives the final feature map ``[N, C, h, w]``
+    (the map CAMs are read from) and that exposes ``out_channels: int`` and ``stride: int``.
+    Optional: ``load_pretrained(path)`` and ``trainable_groups()``.  ``options`` may be a
+    pydantic model class used to validate the factory's keyword arguments.
+    """
+
+
+@hookspec
+def register_clusterers(register: Register) -> None:
+    """Register clustering algorithms.
+
+    Call ``register(name, factory, help="one line", options=None)``.  ``factory(**options)``
+    returns an object with ``fit_predict(features: np.ndarray[N, D], k: int, seed: int) ->
+    np.ndarray[N]`` of integer labels in ``[0, k)``.
+    """
+
+
+@hookspec
+def register_methods(register: Register) -> None:
+    """Register CAM methods (the recipe selected by ``wsss run --method NAME``).
+
+    Call ``register(name, factory, help="one line", options=None)``.  ``factory()`` returns an
+    object with ``run(context) -> dict`` that trains what it needs, writes CAM files through the
+    context and returns method-specific result rows; see :mod:`wsss_bench.methods`.
+    """
+
+
+@hookspec
+def register_datasets(register: Register) -> None:
+    """Register datasets.
+
+    Call ``register(name, factory, help="one line", options=None)``.  ``factory(**options)``
+    returns an object with ``prepare(root: Path | None, cache_dir: Path) -> Path`` giving the
+    root of a VOC-layout tree, and ``class_names: list[str] | None``.
+    """
+
+
+@hookspec
+def register_commands(cli: "click.Group") -> None:
+    """Add sub-commands to the ``wsss`` command-line group, e.g. with ``@cli.command()``."""
+
+
+def hook_names() -> list[str]:
+    """Names of every hook defined in this module (used by documentation tests)."""
+    return [name for name, value in globals().items() if hasattr(value, PROJECT + "_spec")]
+
+
+__all__ = ["hookimpl", "hookspec", "hook_names", "Register", "Any"]

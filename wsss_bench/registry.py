@@ -1,0 +1,97 @@
+"""Named component registries, one per plugin kind.
+
+Plugins add components through the ``register`` callback handed to their registration hook; the
+host keeps the name, the factory, a one-line help, an optional pydantic options model and the
+plugin that registered it.  Look-ups of unknown names fail with close matches; two plugins
+registering the same name fail naming both.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from pydantic import BaseModel, ValidationError
+
+from .errors import ConfigError, PluginError
+
+KINDS = ("backbone", "clusterer", "method", "dataset")
+
+
+@dataclass(frozen=True)
+class Component:
+    """One registered component."""
+
+    kind: str
+    name: str
+    factory: Callable[..., Any]
+    help: str = ""
+    options: Optional[type[BaseModel]] = None
+    plugin: str = "?"
+
+    def validate_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """Check ``options`` against the component's model; return them with defaults filled."""
+        if self.options is None:
+            return dict(options)
+        try:
+            return self.options(**options).model_dump()
+        except ValidationError as exc:
+            raise ConfigError(
+                f"invalid options for {self.kind} {self.name!r}: {format_validation_error(exc)}"
+            ) from None
+
+    def create(self, **options: Any) -> Any:
+        """Validate ``options`` and call the factory with them."""
+        return self.factory(**self.validate_options(options))
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """Render a pydantic error as one line: ``a.b: message; c: message``."""
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(root)"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+@dataclass
+class Registry:
+    """Components of one kind, keyed by name."""
+
+    kind: str
+    components: dict[str, Component] = field(default_factory=dict)
+
+    def add(self, component: Component) -> None:
+        """Add ``component``; a name already taken by another registration is an error."""
+        if not component.name or not isinstance(component.name, str):
+            raise PluginError(f"plugin {component.plugin!r} registered a {self.kind} without a name")
+        previous = self.components.get(component.name)
+        if previous is not None:
+            raise PluginError(
+                f"{self.kind} {component.name!r} is registered twice: by plugin "
+                f"{previous.plugin!r} and by plugin {component.plugin!r}"
+            )
+        self.components[component.name] = component
+
+    def names(self) -> list[str]:
+        """Registered names, sorted."""
+        return sorted(self.components)
+
+    def get(self, name: str) -> Component:
+        """The component called ``name``; ``prefix:variant`` resolves to component ``prefix``."""
+        if name in self.components:
+            return self.components[name]
+        prefix = name.split(":", 1)[0]
+        if ":" in name and prefix in self.components:
+            return self.components[prefix]
+        close = difflib.get_close_matches(name, self.names(), n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        known = ", ".join(self.names()) or "none"
+        raise PluginError(f"unknown {self.kind} {name!r}.{hint} Registered: {known}.")
+
+    def create(self, name: str, **options: Any) -> Any:
+        """Build the component ``name``; a ``prefix:variant`` name passes ``variant=...``."""
+        component = self.get(name)
+        if name != component.name:
+            options = {"variant": name.split(":", 1)[1], **options}
+        return component.create(**options)

@@ -1,0 +1,111 @@
+"""``wsss run``: resolve data and plugins, let the method work, write the run directory."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from . import io
+from .components import create_dataset
+from .config import RunConfig
+from .context import MethodContext
+from .data.voc import VOCDataset, open_split
+from .device import resolve_device, seed_everything
+from .errors import ConfigError, DataError
+from .evaluation.tables import results_markdown
+from .plugins import registry
+
+log = logging.getLogger("wsss_bench")
+
+
+def cache_dir() -> Path:
+    """Where generated datasets are cached (``WSSS_BENCH_CACHE`` or ``~/.cache/wsss-bench``)."""
+    return Path(os.environ.get("WSSS_BENCH_CACHE", Path.home() / ".cache" / "wsss-bench"))
+
+
+def resolve_data_root(config: RunConfig) -> tuple[Path, Optional[list[str]]]:
+    """The VOC-layout root to read, preparing it with the dataset plugin when one is named."""
+    ds = config.dataset
+    if ds.name is None:
+        if ds.root is None:
+            raise ConfigError("no dataset: give --data-root DIR or a dataset name")
+        return Path(ds.root), None
+    plugin = create_dataset(ds.name, **ds.options)
+    root = Path(plugin.prepare(Path(ds.root) if ds.root else None, cache_dir()))
+    return root, getattr(plugin, "class_names", None)
+
+
+def open_datasets(config: RunConfig) -> tuple[VOCDataset, dict[str, VOCDataset]]:
+    """The training split and the evaluation splits (which must have masks)."""
+    root, names = resolve_data_root(config)
+    ds = config.dataset
+    train = open_split(root, ds.train_split, ds.labels_file, names).subset(ds.max_images)
+    evals = {}
+    for split in ds.eval_splits:
+        evals[split] = open_split(root, split, ds.labels_file, names).subset(ds.max_images)
+        if evals[split].mask_dir is None:
+            raise DataError(f"{root}: split {split!r} has no ground-truth masks to evaluate against")
+    return train, evals
+
+
+def default_run_dir(config: RunConfig) -> Path:
+    """``runs/<time>-<method>-<backbone>``."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    backbone = config.backbone.name.replace(":", "-").replace("/", "-")
+    return Path("runs") / f"{stamp}-{config.method.name}-{backbone}"
+
+
+def prepare_run_dir(path: Path, resume: bool) -> Path:
+    """Create the run directory; refuse to mix a new run into a used folder unless resuming."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{path}: output path exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()) and not resume:
+        raise ConfigError(f"{path}: output folder is not empty; choose another --out or pass --resume")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot create the output folder ({exc.strerror})") from None
+    if not os.access(path, os.W_OK):
+        raise ConfigError(f"{path}: output folder is not writable")
+    return path
+
+
+def run(config: RunConfig, out_dir: Optional[Path] = None, resume: bool = False) -> dict[str, Any]:
+    """Run the configured method end to end; returns the content of ``results.json``."""
+    start = time.perf_counter()
+    method = registry("method").get(config.method.name)
+    method_options = method.validate_options(config.method.options)
+    registry("backbone").get(config.backbone.name).validate_options(
+        {k: v for k, v in config.backbone.options.items()})
+    device = resolve_device(config.device)
+    seed_everything(config.seed)
+    train_set, eval_sets = open_datasets(config)
+    run_dir = prepare_run_dir(Path(out_dir) if out_dir else default_run_dir(config), resume)
+    io.write_yaml(run_dir / "config.yaml", config.to_dict())
+    ctx = MethodContext(config, run_dir, device, train_set, eval_sets, not config.quiet)
+    log.info("run %s: method %s, backbone %s, %d training images, device %s", run_dir,
+             config.method.name, config.backbone.name, len(train_set.ids), device)
+    outcome = method.factory(**method_options).run(ctx)
+    rows = outcome["rows"]
+    final = [r for r in rows if r.get("final")] or rows[-len(eval_sets):]
+    results = {
+        "method": config.method.name, "backbone": config.backbone.name,
+        "dataset": config.dataset.name or str(config.dataset.root), "seed": config.seed,
+        "device": str(device), "threshold_policy": config.eval.threshold_policy,
+        "threshold": config.eval.threshold, "train_split": config.dataset.train_split,
+        "eval_splits": list(eval_sets), "config_digest": config.digest(),
+        "miou": {r["split"]: r["miou"] for r in final},
+        "rows": rows, "final": final, "extra": {**ctx.extra, **outcome.get("extra", {})},
+        "tables": outcome.get("tables", {}), "torch": torch.__version__,
+        "wall_time_s": round(time.perf_counter() - start, 2),
+    }
+    io.write_json(run_dir / "results.json", results)
+    io.write_text(run_dir / "results.md", results_markdown(results))
+    results["run_dir"] = str(run_dir)
+    return results

@@ -1,0 +1,1 @@
+"""Readers and writers for pretrained-weight file formats (MXNet ``.params``, ...)."""
