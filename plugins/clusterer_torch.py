@@ -81,6 +81,9 @@ class TorchKMeans(BaseClusterer):
         self.options = TorchKMeansOptions(**options)
         self.device = resolve_device(self.options.device)
         self.dtype = torch.float32 if self.options.dtype == "float32" else torch.float64
+        # Skip the shared wrapper's float64 copy when computing in float32 anyway: casting
+        # float64 -> float32 directly rounds exactly as going through float64 would.
+        self.work_dtype = np.float32 if self.options.dtype == "float32" else np.float64
 
     # The public entry point is BaseClusterer.fit_predict; this only sees 2 <= k < N.
     def _cluster(self, x: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, dict[str, Any]]:

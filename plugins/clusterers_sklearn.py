@@ -68,8 +68,8 @@ _MAX_SEED = 2**32 - 1
 # --------------------------------------------------------------------------------------------
 
 
-def validate_features(features: Any) -> np.ndarray:
-    """Check ``features`` and return them as a C-contiguous float64 ``(N, D)`` array.
+def validate_features(features: Any, dtype: Any = np.float64) -> np.ndarray:
+    """Check ``features`` and return them as a C-contiguous ``(N, D)`` array of ``dtype``.
 
     Raises :class:`DataError` when the array is not 2-D, is empty, is not real-valued or has
     rows containing NaN or Inf (the message says how many rows are bad and which one is first).
@@ -90,9 +90,10 @@ def validate_features(features: Any) -> np.ndarray:
         raise DataError(
             f"clustering features must be real numbers (float32/float64), got dtype {array.dtype}"
         )
-    # float64 everywhere downstream: identical values give identical labels whatever the
-    # caller's dtype, and scikit-learn's float32 code paths round differently.
-    array = np.ascontiguousarray(array, dtype=np.float64)
+    # One working dtype per clusterer (float64 for scikit-learn): identical values then give
+    # identical labels whatever the caller's dtype, and scikit-learn's float32 code paths
+    # round differently.  Checked after the cast, so values too large for it count as Inf.
+    array = np.ascontiguousarray(array, dtype=dtype)
     finite_rows = np.isfinite(array).all(axis=1)
     if not finite_rows.all():
         bad = np.flatnonzero(~finite_rows)
@@ -146,7 +147,8 @@ class ClustererOptions(BaseModel):
 class BaseClusterer:
     """The one place where the clusterer contract is enforced.
 
-    Subclasses implement :meth:`_cluster`, which only ever sees validated float64 features,
+    Subclasses implement :meth:`_cluster`, which only ever sees validated features of
+    :attr:`work_dtype` (float64 unless a subclass computes in float32 anyway),
     ``2 <= k_eff < N`` and a checked seed.  :meth:`fit_predict` handles validation, the
     ``k > N``, ``k == 1`` and ``N == 1`` shortcuts, label dtype/shape/range checks and
     :attr:`last_stats`.
@@ -154,6 +156,8 @@ class BaseClusterer:
 
     #: Registered name, used in error messages.
     name: str = "clusterer"
+    #: dtype the features are converted to before :meth:`_cluster` sees them.
+    work_dtype: Any = np.float64
 
     def __init__(self) -> None:
         self.last_stats: dict[str, Any] = {}
@@ -166,7 +170,7 @@ class BaseClusterer:
         """
         k = _check_int("k", k, minimum=1)
         seed = _check_int("seed", seed, minimum=0, maximum=_MAX_SEED)
-        x = validate_features(features)
+        x = validate_features(features, self.work_dtype)
         n_rows = x.shape[0]
         k_eff = min(k, n_rows)
         stats: dict[str, Any] = {"n_samples": n_rows, "k": k, "k_eff": k_eff}
@@ -186,7 +190,7 @@ class BaseClusterer:
         return labels
 
     def _cluster(self, x: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
-        """Run the algorithm on float64 ``x`` with ``2 <= k < N``; return labels and stats."""
+        """Run the algorithm on ``x`` with ``2 <= k < N``; return labels and stats."""
         raise NotImplementedError
 
     def _check_labels(self, raw: Any, n_rows: int, k_eff: int) -> np.ndarray:
