@@ -187,7 +187,7 @@ def _lloyd(
 
     The per-cluster sums are updated incrementally: after the first iterations only a few
     points change cluster, and moving just those costs a fraction of summing all ``N`` rows
-    again (the assignment step then dominates, as in any k-means).
+    again, so the assignment step dominates, as in any k-means.
 
     Returns the final centres ``(R, k, D)`` and the iteration count of each restart.
     """
@@ -208,30 +208,29 @@ def _lloyd(
         offsets = torch.arange(n_active, device=device)[:, None] * k
         targets = labels + offsets  # row of (restart, cluster) in the flattened sums
 
-        moved_points = (
-            torch.nonzero((labels != previous).any(dim=0)).flatten() if previous is not None else None
-        )
-        if (
-            moved_points is None
-            or iteration % _FULL_UPDATE_EVERY == 0
-            or 2 * moved_points.numel() > n_points
-        ):
-            # Full update: cluster sums of all restarts as one (A*k, N) @ (N, D) product.
-            one_hot = torch.zeros((n_active * k, n_points), dtype=data.dtype, device=device)
-            one_hot[targets.reshape(-1), torch.arange(n_points, device=device).repeat(n_active)] = 1
-            sums = one_hot @ data
-            counts = one_hot.sum(dim=1)
-        elif moved_points.numel():
-            # Incremental update restricted to the points that moved in some restart: +1 in
-            # the new cluster, -1 in the old one (they cancel where a restart kept the label).
-            cols = torch.arange(moved_points.numel(), device=device).repeat(n_active)
-            delta = torch.zeros((n_active * k, moved_points.numel()), dtype=data.dtype, device=device)
-            delta.index_put_((targets[:, moved_points].reshape(-1), cols),
-                             torch.ones((), dtype=data.dtype, device=device), accumulate=True)
-            delta.index_put_(((previous + offsets)[:, moved_points].reshape(-1), cols),
-                             -torch.ones((), dtype=data.dtype, device=device), accumulate=True)
-            sums = sums + delta @ data[moved_points]
-            counts = counts + delta.sum(dim=1)
+        # Cluster sums of all restarts as one sparse (A*k, N) @ dense (N, D) product: a
+        # sparse product costs one row addition per non-zero, k times less than a dense
+        # one-hot matmul, and after the first iterations only the few points that changed
+        # cluster need moving (+1 in the new cluster, -1 in the old one).
+        full_update = previous is None or iteration % _FULL_UPDATE_EVERY == 0
+        if previous is not None and not full_update:
+            moved = torch.nonzero(labels != previous)  # (M, 2): restart, point
+            if 2 * moved.shape[0] >= labels.numel():
+                full_update = True  # two entries per move: no cheaper than starting over
+            elif moved.shape[0]:
+                restart, point = moved[:, 0], moved[:, 1]
+                rows = torch.cat([targets[restart, point], (previous + offsets)[restart, point]])
+                values = torch.ones(rows.shape[0], dtype=data.dtype, device=device)
+                values[moved.shape[0] :] = -1.0
+                delta_sums, delta_counts = _sparse_sums(
+                    data, rows, torch.cat([point, point]), values, n_active * k
+                )
+                sums = sums + delta_sums
+                counts = counts + delta_counts
+        if full_update:
+            values = torch.ones(targets.numel(), dtype=data.dtype, device=device)
+            point = torch.arange(n_points, device=device).repeat(n_active)
+            sums, counts = _sparse_sums(data, targets.reshape(-1), point, values, n_active * k)
 
         updated = (sums / counts.clamp_min(1.0)[:, None]).view(n_active, k, dim)
         empty = (counts == 0).view(n_active, k)
@@ -260,6 +259,24 @@ def _lloyd(
             counts = counts.view(n_active, k)[keep].reshape(-1)
         previous = labels
     return centres, n_iter
+
+
+def _sparse_sums(
+    data: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, n_rows: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(M @ data, M.sum(1))`` for the sparse ``(n_rows, N)`` matrix ``M[rows, cols] = values``.
+
+    Duplicate ``(row, col)`` pairs add up, as a coalesced COO matrix does.
+    """
+    matrix = torch.sparse_coo_tensor(
+        torch.stack([rows, cols]),
+        values,
+        (n_rows, data.shape[0]),
+        check_invariants=False,  # indices are in range by construction; skip the check
+    )
+    sums = torch.sparse.mm(matrix, data)
+    counts = torch.zeros(n_rows, dtype=data.dtype, device=data.device).index_add_(0, rows, values)
+    return sums, counts
 
 
 def _relocate_empty(

@@ -172,3 +172,54 @@ def cluster_table(stats: dict[str, Any]) -> str:
 def register_methods(register: Any) -> None:
     register("subcat", SubCategoryCam, help="SC-CAM: sub-category exploration, R rounds (CVPR 2020)",
              options=SubcatOptions)
+
+
+@hookimpl
+def register_commands(cli: Any) -> None:
+    import click
+
+    from wsss_bench.cli.options import config_options, resolve_config
+
+    @cli.command("cluster")
+    @config_options
+    @click.option("--out", required=True, type=click.Path(path_type=Path), help="Run directory.")
+    @click.option("--features", "features_file", required=True, type=click.Path(path_type=Path),
+                  help="Features [N, D] of the training split (from `wsss extract-features`).")
+    @click.option("--tag", default="round1", show_default=True,
+                  help="Writes OUT/subcategories/TAG.npy and TAG.targets.npy.")
+    @click.option("--k", type=int, help="Sub-categories per class (default: method.options.k).")
+    @click.option("--clusterer", help="Clusterer plugin (default: method.options.clusterer.name).")
+    def cluster_command(out: Path, features_file: Path, tag: str, k: Optional[int],
+                        clusterer: Optional[str], **flags: Any) -> None:
+        """SC-CAM step 2: per-class clustering of image features into sub-category labels."""
+        from wsss_bench import io
+        from wsss_bench.components import create_clusterer
+        from wsss_bench.errors import DataError
+        from wsss_bench.runner import open_datasets
+
+        config = resolve_config(**flags)
+        raw = dict(config.method.options) if config.method.name == "subcat" else {}
+        if k is not None:
+            raw["k"] = k
+        if clusterer:
+            raw["clusterer"] = {"name": clusterer}
+        opts = SubcatOptions(**raw)
+        train_set, _ = open_datasets(config.model_copy(update={"dataset": config.dataset.model_copy(
+            update={"eval_splits": []})}))
+        try:
+            features = np.load(features_file, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{features_file}: cannot read features ({exc})") from None
+        if features.ndim != 2 or features.shape[0] != len(train_set.ids):
+            raise DataError(f"{features_file}: expected features [{len(train_set.ids)}, D] for split "
+                            f"{train_set.split!r}, got {features.shape}")
+        labels = np.stack([train_set.label(i) for i in train_set.ids])
+        ks = class_k(opts, train_set.class_names)
+        algo = create_clusterer(opts.clusterer.name, **opts.clusterer.options)
+        assignment = cluster_per_class(features, labels, ks, algo, config.seed)
+        folder = Path(out) / "subcategories"
+        io.write_with(folder / f"{tag}.npy", lambda h: np.save(h, assignment, allow_pickle=False))
+        targets = subcategory_targets(assignment, max(ks))
+        io.write_with(folder / f"{tag}.targets.npy", lambda h: np.save(h, targets, allow_pickle=False))
+        click.echo(f"sub-categories: {folder / (tag + '.npy')}; train with "
+                   f"`wsss train --targets sub={folder / (tag + '.targets.npy')} --loss-weight sub={opts.loss_weight}`")

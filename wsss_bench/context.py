@@ -23,7 +23,7 @@ from . import checkpoints, io
 from .components import create_backbone, create_clusterer
 from .config import RunConfig
 from .data.voc import VOCDataset
-from .engine.cams import extract_features, infer_split
+from .engine.cams import CamFunction, extract_features, infer_split
 from .engine.model import PARENT, Classifier
 from .engine.train import train_classifier
 from .errors import ConfigError, WeightsError
@@ -168,15 +168,21 @@ class MethodContext:
         return create_clusterer(name, **(options or {}))
 
     def cams_and_scores(self, model: Classifier, tag: str, head: str = PARENT,
-                        row: Optional[dict[str, Any]] = None) -> list[dict[str, Any]]:
-        """CAMs for every evaluation split, scored; one result row per split."""
+                        row: Optional[dict[str, Any]] = None, cam_fn: Optional[CamFunction] = None,
+                        stage: Optional[str] = None) -> list[dict[str, Any]]:
+        """CAMs for every evaluation split, scored; one result row per split.
+
+        ``cam_fn`` swaps the head-weight CAM for another map (post-hoc methods); ``stage``
+        names it in the protocol and the output folder.
+        """
+        stage = stage or ("cam" if head == PARENT else f"cam-{head}")
         rows = []
         for split, dataset in self.eval_sets.items():
-            out = self.run_dir / "cams" / (tag if head == PARENT else f"{tag}-{head}") / split
+            folder = tag if stage == "cam" else f"{tag}-{stage}"
+            out = self.run_dir / "cams" / folder / split
             infer_split(model, dataset, out, self.config.cams.scales, self.config.cams.flip,
-                        self.device, head, self.show_progress)
-            result = evaluate_cams(out, dataset, self.config.eval.threshold, self.device,
-                                   stage="cam" if head == PARENT else f"cam-{head}")
+                        self.device, head, self.show_progress, cam_fn=cam_fn)
+            result = evaluate_cams(out, dataset, self.config.eval.threshold, self.device, stage=stage)
             rows.append(result_row(result, tag, head, out.relative_to(self.run_dir), row))
         return rows
 

@@ -16,7 +16,7 @@ from .config import RunConfig
 from .context import MethodContext
 from .data.voc import VOCDataset, open_split
 from .device import resolve_device, seed_everything
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, WeightsError
 from .evaluation.tables import results_markdown
 from .plugins import registry
 
@@ -40,15 +40,16 @@ def resolve_data_root(config: RunConfig) -> tuple[Path, Optional[list[str]]]:
     return root, getattr(plugin, "class_names", None)
 
 
-def open_datasets(config: RunConfig) -> tuple[VOCDataset, dict[str, VOCDataset]]:
-    """The training split and the evaluation splits (which must have masks)."""
+def open_datasets(config: RunConfig, require_masks: bool = True
+                  ) -> tuple[VOCDataset, dict[str, VOCDataset]]:
+    """The training split and the evaluation splits (which must have masks to be scored)."""
     root, names = resolve_data_root(config)
     ds = config.dataset
     train = open_split(root, ds.train_split, ds.labels_file, names).subset(ds.max_images)
     evals = {}
     for split in ds.eval_splits:
         evals[split] = open_split(root, split, ds.labels_file, names).subset(ds.max_images)
-        if evals[split].mask_dir is None:
+        if require_masks and evals[split].mask_dir is None:
             raise DataError(f"{root}: split {split!r} has no ground-truth masks to evaluate against")
     return train, evals
 
@@ -76,21 +77,43 @@ def prepare_run_dir(path: Path, resume: bool) -> Path:
     return path
 
 
+def validate_plugins(config: RunConfig) -> None:
+    """Resolve every named plugin and check its options; build the backbone on the meta device
+    (no memory, no compute) so that bad variants such as ``timm:resnet1888`` fail early."""
+    registry("method").get(config.method.name).validate_options(dict(config.method.options))
+    if config.dataset.name is not None:
+        registry("dataset").get(config.dataset.name).validate_options(dict(config.dataset.options))
+    with torch.device("meta"):
+        registry("backbone").create(config.backbone.name, **config.backbone.options)
+
+
+def make_context(config: RunConfig, run_dir: Path, resume: bool = False,
+                 eval_splits: Optional[list[str]] = None, require_masks: bool = True) -> MethodContext:
+    """Validate plugins, pick the device, seed, open the data and the run directory."""
+    validate_plugins(config)
+    init = config.train.init_weights
+    if init is not None and not Path(init).is_file():
+        raise WeightsError(f"{init}: train.init_weights file not found")
+    device = resolve_device(config.device)
+    seed_everything(config.seed)
+    if eval_splits is not None:
+        config = config.model_copy(update={"dataset": config.dataset.model_copy(
+            update={"eval_splits": eval_splits})})
+    train_set, eval_sets = open_datasets(config, require_masks)
+    run_dir = prepare_run_dir(run_dir, resume)
+    return MethodContext(config, run_dir, device, train_set, eval_sets, not config.quiet)
+
+
 def run(config: RunConfig, out_dir: Optional[Path] = None, resume: bool = False) -> dict[str, Any]:
     """Run the configured method end to end; returns the content of ``results.json``."""
     start = time.perf_counter()
     method = registry("method").get(config.method.name)
     method_options = method.validate_options(config.method.options)
-    registry("backbone").get(config.backbone.name).validate_options(
-        {k: v for k, v in config.backbone.options.items()})
-    device = resolve_device(config.device)
-    seed_everything(config.seed)
-    train_set, eval_sets = open_datasets(config)
-    run_dir = prepare_run_dir(Path(out_dir) if out_dir else default_run_dir(config), resume)
+    ctx = make_context(config, Path(out_dir) if out_dir else default_run_dir(config), resume)
+    run_dir, device, eval_sets = ctx.run_dir, ctx.device, ctx.eval_sets
     io.write_yaml(run_dir / "config.yaml", config.to_dict())
-    ctx = MethodContext(config, run_dir, device, train_set, eval_sets, not config.quiet)
     log.info("run %s: method %s, backbone %s, %d training images, device %s", run_dir,
-             config.method.name, config.backbone.name, len(train_set.ids), device)
+             config.method.name, config.backbone.name, len(ctx.train_set.ids), device)
     outcome = method.factory(**method_options).run(ctx)
     rows = outcome["rows"]
     final = [r for r in rows if r.get("final")] or rows[-len(eval_sets):]

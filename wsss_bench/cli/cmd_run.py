@@ -20,6 +20,9 @@ def run_command(out: Optional[Path], resume: bool, dry_run: bool, **flags: Any) 
     if dry_run:
         import yaml
 
+        from ..runner import validate_plugins
+
+        validate_plugins(config)
         click.echo(yaml.safe_dump(config.to_dict(), sort_keys=False))
         return
     from ..runner import run

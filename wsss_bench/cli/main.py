@@ -23,9 +23,9 @@ def cli() -> None:
 
 
 def _register_builtin_commands() -> None:
-    from . import cmd_data, cmd_eval, cmd_plugins, cmd_run, cmd_steps
+    from . import cmd_data, cmd_eval, cmd_import, cmd_plugins, cmd_run, cmd_steps
 
-    for module in (cmd_run, cmd_eval, cmd_plugins, cmd_data, cmd_steps):
+    for module in (cmd_run, cmd_eval, cmd_plugins, cmd_data, cmd_steps, cmd_import):
         module.register(cli)
 
 

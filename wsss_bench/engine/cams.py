@@ -8,7 +8,7 @@ Only the ground-truth channels are upsampled: the others are zeroed by the origi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -23,6 +23,18 @@ from .model import PARENT, SUB, Classifier
 
 EPS = 1e-5
 
+#: ``cam_fn(model, x, channels) -> [B, len(channels), h, w]`` non-negative maps for a batch.
+CamFunction = Callable[[Classifier, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def head_cams(head: str = PARENT) -> CamFunction:
+    """The classic CAM: ReLU of the head weights applied to the final feature map."""
+
+    def cam_fn(model: Classifier, x: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
+        return model.cams(x, head).index_select(1, channels)
+
+    return cam_fn
+
 
 def _input_batch(image: Image.Image, scale: float, flip: bool) -> torch.Tensor:
     arr = normalize(resize_by_scale(image, scale))
@@ -35,15 +47,19 @@ def sub_channels(class_ids: Sequence[int], k: int) -> list[int]:
     return [c * k + j for c in class_ids for j in range(k)]
 
 
-@torch.inference_mode()
 def image_cams(model: Classifier, image: Image.Image, class_ids: Sequence[int],
                scales: Sequence[float], flip: bool, device: torch.device,
-               head: str = PARENT) -> np.ndarray:
+               head: str = PARENT, cam_fn: Optional[CamFunction] = None) -> np.ndarray:
     """Normalised CAMs ``[len(class_ids), H, W]`` of one image.
 
     With ``head="sub"`` each parent's K sub-category maps are normalised by their joint max
-    and merged by a pixel-wise max (the "cls200" diagnostic map of SC-CAM).
+    and merged by a pixel-wise max (the "cls200" diagnostic map of SC-CAM).  ``cam_fn``
+    replaces the head-weight CAM (post-hoc methods such as Grad-CAM); gradient-based ones
+    manage autograd themselves, so inference mode is only entered for the default.
     """
+    if cam_fn is None:
+        with torch.inference_mode():
+            return image_cams(model, image, class_ids, scales, flip, device, head, head_cams(head))
     width, height = image.size
     n = len(class_ids)
     if n == 0:
@@ -57,7 +73,7 @@ def image_cams(model: Classifier, image: Image.Image, class_ids: Sequence[int],
     total: Optional[torch.Tensor] = None
     for scale in scales:
         x = _input_batch(image, scale, flip).to(device)
-        cam = model.cams(x, head).index_select(1, index)
+        cam = cam_fn(model, x, index).detach()
         cam = F.interpolate(cam, size=(height, width), mode="bilinear", align_corners=False)
         fused = cam[0] + cam[1].flip(-1) if flip else cam[0]
         total = fused if total is None else total + fused
@@ -70,7 +86,8 @@ def image_cams(model: Classifier, image: Image.Image, class_ids: Sequence[int],
 
 def infer_split(model: Classifier, dataset: VOCDataset, out_dir: Path, scales: Sequence[float],
                 flip: bool, device: torch.device, head: str = PARENT,
-                show_progress: bool = False, skip_existing: bool = True) -> int:
+                show_progress: bool = False, skip_existing: bool = True,
+                cam_fn: Optional[CamFunction] = None) -> int:
     """Write ``<id>.npz`` CAM files for every image of ``dataset``; returns how many were new."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -82,7 +99,7 @@ def infer_split(model: Classifier, dataset: VOCDataset, out_dir: Path, scales: S
             continue
         keys = np.flatnonzero(dataset.label(image_id))
         cams = image_cams(model, dataset.load_image(image_id), keys.tolist(), scales, flip,
-                          device, head)
+                          device, head, cam_fn)
         write_cam(path, keys, cams)
         written += 1
     return written
