@@ -5,9 +5,11 @@ features.  scikit-learn runs the ten restarts one after another in float64; this
 the same algorithm (greedy k-means++ seeding, then Lloyd iterations, best of ``n_init`` by
 inertia) but
 
-* runs all restarts together, so each Lloyd step is two large matrix products (distances of
-  every point to the ``n_init * k`` centres, and the per-cluster sums as a one-hot product),
-  which BLAS or a GPU executes far more efficiently than many small ones;
+* runs all restarts together, so the assignment step is one large matrix product (every point
+  against the ``n_init * k`` centres), which BLAS or a GPU executes far more efficiently than
+  many small ones;
+* keeps the cluster sums up to date with a sparse product over only the points that changed
+  cluster, instead of summing all ``N`` rows again at every iteration;
 * computes in float32 by default (``dtype="float64"`` is available), after centring the data
   on its mean, as scikit-learn does, so that the ``||x||^2 - 2 x.c + ||c||^2`` expansion does
   not lose the small differences between large non-negative feature vectors;
@@ -19,7 +21,9 @@ become empty are moved onto the points farthest from their current centres.
 
 Input checks, the ``k > N`` rule and ``last_stats`` come from
 :class:`wsss_bench_plugins.clusterers_sklearn.BaseClusterer`, shared by every clusterer.
-Results are deterministic for a given seed on a given device; CPU and CUDA may differ.
+On CPU the labels are reproducible for a given seed (on the same machine and thread count); a
+CUDA run uses the same algorithm but its own random stream and rounding, so it may pick a
+different (equally good) partition.
 """
 from __future__ import annotations
 
@@ -97,7 +101,9 @@ class TorchKMeans(BaseClusterer):
         # Centring changes no distance but keeps the norm expansion precise in float32.
         data = data - data.mean(dim=0, keepdim=True)
         sq_norms = (data * data).sum(dim=1)
-        tol = opts.tol * float(data.var(dim=0, unbiased=False).mean())
+        # scikit-learn's tolerance: tol x the mean per-dimension variance, which for centred
+        # data is just the mean squared entry (and avoids a slow strided variance kernel).
+        tol = opts.tol * float(sq_norms.sum(dtype=torch.float64)) / data.numel()
 
         n_trials = opts.n_local_trials or 2 + int(math.log(k))
         centres = _kmeans_plus_plus(data, sq_norms, k, n_restarts, n_trials, generator)

@@ -111,8 +111,11 @@ def within_cluster_ss(features: np.ndarray, labels: np.ndarray) -> float:
     scored the same way.  Accumulated in float64, one block of rows at a time, so float32
     input is never copied whole.
     """
+    features = np.asarray(features)
     labels = np.asarray(labels).reshape(-1)
     n_rows = labels.shape[0]
+    if features.ndim != 2 or features.shape[0] != n_rows:
+        raise ValueError(f"need (N, D) features and N labels, got {features.shape} and {n_rows}")
     if n_rows == 0:
         return 0.0
     _, inverse = np.unique(labels, return_inverse=True)
@@ -123,13 +126,15 @@ def within_cluster_ss(features: np.ndarray, labels: np.ndarray) -> float:
     # far from the origin (non-negative features do), so every row is first shifted by the
     # mean of the first block, a cheap stand-in for the global mean; the result is
     # shift-invariant.
-    block = max(1, min(n_rows, (1 << 21) // max(1, np.shape(features)[1])))
+    block = max(1, min(n_rows, (1 << 21) // max(1, features.shape[1])))
     shift = np.asarray(features[:block], dtype=np.float64).mean(axis=0)
     sums = np.zeros((n_clusters, shift.shape[0]), dtype=np.float64)
     total_sq = 0.0
     for start in range(0, n_rows, block):
-        rows = np.asarray(features[start : start + block], dtype=np.float64) - shift
-        total_sq += float(np.einsum("ij,ij->", rows, rows))
+        rows = np.array(features[start : start + block], dtype=np.float64)  # a copy: shifted in place
+        rows -= shift
+        flat = rows.reshape(-1)
+        total_sq += float(flat @ flat)
         members = inverse[start : start + block]
         one_hot = np.zeros((n_clusters, rows.shape[0]), dtype=np.float64)
         one_hot[members, np.arange(rows.shape[0])] = 1.0

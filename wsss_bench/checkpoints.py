@@ -118,6 +118,11 @@ def _digest(state: Optional[dict[str, torch.Tensor]]) -> str:
     return h.hexdigest()
 
 
+def state_digest(model: nn.Module) -> str:
+    """Content hash of a model's weights (identifies it as a stage input)."""
+    return _digest(model.state_dict())
+
+
 def save_checkpoint(path: Path, model: nn.Module, meta: dict[str, Any]) -> None:
     """Atomically save ``model``'s weights with metadata and a content checksum."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}

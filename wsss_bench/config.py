@@ -91,10 +91,20 @@ class CamConfig(Strict):
 
 
 class EvalConfig(Strict):
-    """Scoring of CAMs against pixel ground truth."""
+    """Scoring of CAMs against pixel ground truth.
+
+    The headline number always uses the ``fixed`` policy (constant background score
+    ``threshold``).  ``policies`` adds, side by side: ``oracle`` (best threshold on the evaluated
+    split's own ground truth, an upper bound) and ``heldout`` (threshold chosen on
+    ``selection_split``, or on another evaluation split when unset, then applied).
+    """
 
     threshold: float = Field(default=0.15, ge=0, le=1)
     threshold_policy: Literal["fixed"] = "fixed"
+    policies: list[Literal["fixed", "oracle", "heldout"]] = Field(
+        default_factory=lambda: ["fixed", "oracle", "heldout"])
+    selection_split: Optional[str] = None
+    curves: bool = True
 
 
 class RunConfig(Strict):

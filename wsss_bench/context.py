@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -28,6 +29,7 @@ from .engine.model import PARENT, Classifier
 from .engine.train import train_classifier
 from .errors import ConfigError, WeightsError
 from .evaluation.evaluate import EvalResult, evaluate_cams
+from .manifest import Manifest
 
 log = logging.getLogger("wsss_bench")
 
@@ -54,6 +56,19 @@ class MethodContext:
     eval_sets: dict[str, VOCDataset]
     show_progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
+    manifest: Optional[Manifest] = None
+    #: Content-addressed store shared between runs (``wsss bench`` cells, ``--cache-dir``):
+    #: a stage whose inputs hash to a stored key is linked in instead of recomputed.
+    store: Optional[Path] = None
+
+    def _stored(self, kind: str, key: str, suffix: str = "") -> Optional[Path]:
+        return self.store / kind / f"{key}{suffix}" if self.store is not None else None
+
+    def record(self, stage: str, inputs: dict[str, Any], outputs: list[Path], started: float,
+               reused: bool = False) -> None:
+        """Add a finished stage to the run manifest (when there is one)."""
+        if self.manifest is not None:
+            self.manifest.stage(stage, inputs, outputs, time.perf_counter() - started, reused)
 
     @property
     def num_classes(self) -> int:
@@ -127,11 +142,17 @@ class MethodContext:
                       "targets": {k: digest(v) for k, v in (extra_targets or {}).items()},
                       "weights": loss_weights, "heads": model.describe()})
         path = self.checkpoint_path(tag)
+        stored = self._stored("checkpoints", key, ".pth")
+        if stored is not None and stored.is_file() and not path.is_file():
+            link_file(stored, path)
+        started = time.perf_counter()
+        inputs = {"digest": key, "images": len(self.train_set.ids), "heads": model.describe()}
         if path.is_file():
             found = checkpoints.read_checkpoint(path)
             if found["meta"].get("input_digest") == key:
                 self.info(f"{tag}: reusing {path}")
                 checkpoints.load_into(model, found["state_dict"], str(path))
+                self.record(f"train:{tag}", inputs, [path], started, reused=True)
                 return path
         snapshot: dict[str, Any] = {}
 
@@ -149,12 +170,27 @@ class MethodContext:
         checkpoints.save_checkpoint(path, model, {"tag": tag, "input_digest": key,
                                                   "backbone": self.config.backbone.model_dump(),
                                                   "class_names": self.class_names, "heads": model.describe()})
+        self.record(f"train:{tag}", inputs, [path], started)
+        if stored is not None:
+            link_file(path, stored)
         return path
 
     def features(self, model: Classifier, tag: str) -> np.ndarray:
         """Image-level features of the training split, saved under ``features/<tag>.npy``."""
+        started = time.perf_counter()
+        key = digest({"model": checkpoints.state_digest(model), "ids": self.train_set.ids,
+                      "root": str(self.train_set.root)})
+        path = self.run_dir / "features" / f"{tag}.npy"
+        stored = self._stored("features", key, ".npy")
+        if stored is not None and stored.is_file():
+            link_file(stored, path)
+            self.record(f"features:{tag}", {"key": key}, [path], started, reused=True)
+            return np.load(path, allow_pickle=False)
         feats = extract_features(model, self.train_set, self.device, self.show_progress)
         self.save_array(f"features/{tag}.npy", feats)
+        self.record(f"features:{tag}", {"key": key, "split": self.train_set.split}, [path], started)
+        if stored is not None:
+            link_file(path, stored)
         return feats
 
     def save_array(self, relative: str, array: np.ndarray) -> Path:
@@ -176,15 +212,94 @@ class MethodContext:
         names it in the protocol and the output folder.
         """
         stage = stage or ("cam" if head == PARENT else f"cam-{head}")
+        model_key = checkpoints.state_digest(model) if self.store is not None else None
         rows = []
         for split, dataset in self.eval_sets.items():
             folder = tag if stage == "cam" else f"{tag}-{stage}"
             out = self.run_dir / "cams" / folder / split
-            infer_split(model, dataset, out, self.config.cams.scales, self.config.cams.flip,
-                        self.device, head, self.show_progress, cam_fn=cam_fn)
+            started = time.perf_counter()
+            inputs = {"model": model_key, "scales": self.config.cams.scales, "stage": stage,
+                      "flip": self.config.cams.flip, "head": head, "ids": digest(dataset.ids),
+                      "root": str(dataset.root)}
+            stored = self._stored("cams", digest(inputs))
+            reused = stored is not None and (stored / "complete").is_file()
+            if reused:
+                link_tree(stored, out)
+            else:
+                infer_split(model, dataset, out, self.config.cams.scales, self.config.cams.flip,
+                            self.device, head, self.show_progress, cam_fn=cam_fn)
+                if stored is not None:
+                    link_tree(out, stored)
+                    io.write_text(stored / "complete", "")
+            self.record(f"cams:{folder}:{split}", inputs, [out], started, reused)
             result = evaluate_cams(out, dataset, self.config.eval.threshold, self.device, stage=stage)
             rows.append(result_row(result, tag, head, out.relative_to(self.run_dir), row))
+        self.add_threshold_policies(rows, stage)
         return rows
+
+    def selection_for(self, split: str) -> Optional[str]:
+        """The split whose ground truth picks the ``heldout`` threshold for ``split``."""
+        chosen = self.config.eval.selection_split
+        if chosen is not None:
+            return chosen if chosen != split else None
+        return next((s for s in self.eval_sets if s != split), None)
+
+    def add_threshold_policies(self, rows: list[dict[str, Any]], stage: str) -> None:
+        """Attach oracle / held-out scores and the mIoU-vs-threshold curve to each row."""
+        cfg = self.config.eval
+        if cfg.policies == ["fixed"] or not rows:
+            return
+        from .evaluation.thresholds import compare_policies, plot_curves, save_curve
+
+        cam_dirs = {r["split"]: self.run_dir / r["cams"] for r in rows}
+        for r in rows:
+            split = r["split"]
+            selection = self.selection_for(split) if "heldout" in cfg.policies else None
+            if selection is not None and selection not in self.eval_sets:
+                raise ConfigError(f"eval.selection_split {selection!r} must be one of the evaluation "
+                                  f"splits {list(self.eval_sets)}")
+            try:
+                reports = compare_policies(cam_dirs[split], self.eval_sets[split], threshold=cfg.threshold,
+                                           selection_dataset=self.eval_sets.get(selection) if selection else None,
+                                           selection_cam_dir=cam_dirs.get(selection) if selection else None,
+                                           device=self.device, stage=stage)
+            except ConfigError as exc:  # e.g. a selection split overlapping the evaluated one
+                log.warning("threshold policies for %s: %s", split, exc)
+                continue
+            r["policies"] = {name: {"threshold": rep.threshold, "miou": rep.miou, "auc": rep.auc,
+                                    "selection_split": rep.selection_split,
+                                    "upper_bound": rep.upper_bound}
+                             for name, rep in reports.items() if name in cfg.policies}
+            if cfg.curves:
+                name = f"{r['tag']}-{stage}-{split}"
+                curve = reports["fixed"].curve
+                save_curve(self.run_dir / "curves" / f"{name}.json", curve,
+                           {"split": split, "stage": stage, "tag": r["tag"]})
+                plot_curves(self.run_dir / "curves" / f"{name}.png", {f"{split} ({stage})": curve},
+                            {name: rep.threshold for name, rep in reports.items()},
+                            title=f"mIoU vs background threshold: {r['tag']} {stage} {split}")
+                r["curve"] = f"curves/{name}.json"
+
+
+def link_file(source: Path, target: Path) -> None:
+    """Hard-link ``source`` to ``target`` (copy across file systems); never half-written."""
+    import os
+    import shutil
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.link")
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+
+
+def link_tree(source: Path, target: Path) -> None:
+    """Link every ``.npz`` file of ``source`` into ``target``."""
+    for path in source.glob("*.npz"):
+        if not (target / path.name).is_file():
+            link_file(path, target / path.name)
 
 
 def result_row(result: EvalResult, tag: str, head: str, cam_dir: Path,

@@ -18,6 +18,7 @@ from .data.voc import VOCDataset, open_split
 from .device import resolve_device, seed_everything
 from .errors import ConfigError, DataError, WeightsError
 from .evaluation.tables import results_markdown
+from .manifest import Manifest
 from .plugins import registry
 
 log = logging.getLogger("wsss_bench")
@@ -88,7 +89,8 @@ def validate_plugins(config: RunConfig) -> None:
 
 
 def make_context(config: RunConfig, run_dir: Path, resume: bool = False,
-                 eval_splits: Optional[list[str]] = None, require_masks: bool = True) -> MethodContext:
+                 eval_splits: Optional[list[str]] = None, require_masks: bool = True,
+                 store: Optional[Path] = None) -> MethodContext:
     """Validate plugins, pick the device, seed, open the data and the run directory."""
     validate_plugins(config)
     init = config.train.init_weights
@@ -101,15 +103,24 @@ def make_context(config: RunConfig, run_dir: Path, resume: bool = False,
             update={"eval_splits": eval_splits})})
     train_set, eval_sets = open_datasets(config, require_masks)
     run_dir = prepare_run_dir(run_dir, resume)
-    return MethodContext(config, run_dir, device, train_set, eval_sets, not config.quiet)
+    manifest = Manifest(run_dir, config, device, {"train": train_set, **{f"eval:{k}": v for k, v in eval_sets.items()}})
+    manifest.save()
+    return MethodContext(config, run_dir, device, train_set, eval_sets, not config.quiet,
+                         manifest=manifest, store=Path(store) if store is not None else None)
 
 
-def run(config: RunConfig, out_dir: Optional[Path] = None, resume: bool = False) -> dict[str, Any]:
-    """Run the configured method end to end; returns the content of ``results.json``."""
+def run(config: RunConfig, out_dir: Optional[Path] = None, resume: bool = False,
+        store: Optional[Path] = None) -> dict[str, Any]:
+    """Run the configured method end to end; returns the content of ``results.json``.
+
+    ``store`` is a content-addressed cache folder shared between runs: stages whose inputs
+    were computed before (same weights, data, settings) are linked in, not recomputed.
+    """
     start = time.perf_counter()
     method = registry("method").get(config.method.name)
     method_options = method.validate_options(config.method.options)
-    ctx = make_context(config, Path(out_dir) if out_dir else default_run_dir(config), resume)
+    ctx = make_context(config, Path(out_dir) if out_dir else default_run_dir(config), resume,
+                       store=store)
     run_dir, device, eval_sets = ctx.run_dir, ctx.device, ctx.eval_sets
     io.write_yaml(run_dir / "config.yaml", config.to_dict())
     log.info("run %s: method %s, backbone %s, %d training images, device %s", run_dir,
@@ -130,5 +141,7 @@ def run(config: RunConfig, out_dir: Optional[Path] = None, resume: bool = False)
     }
     io.write_json(run_dir / "results.json", results)
     io.write_text(run_dir / "results.md", results_markdown(results))
+    if ctx.manifest is not None:
+        ctx.manifest.finish()
     results["run_dir"] = str(run_dir)
     return results

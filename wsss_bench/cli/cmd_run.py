@@ -14,7 +14,10 @@ from .options import config_options, resolve_config
 @click.option("--out", type=click.Path(path_type=Path), help="Run directory (default runs/<time>-<method>-<backbone>).")
 @click.option("--resume", is_flag=True, help="Continue a run in an existing --out folder.")
 @click.option("--dry-run", is_flag=True, help="Resolve and validate the config, print it, run nothing.")
-def run_command(out: Optional[Path], resume: bool, dry_run: bool, **flags: Any) -> None:
+@click.option("--cache-dir", type=click.Path(path_type=Path),
+              help="Content-addressed stage cache shared between runs: unchanged stages are reused.")
+def run_command(out: Optional[Path], resume: bool, dry_run: bool, cache_dir: Optional[Path],
+                **flags: Any) -> None:
     """Run a CAM method end to end and print its mIoU table."""
     config = resolve_config(**flags)
     if dry_run:
@@ -27,7 +30,7 @@ def run_command(out: Optional[Path], resume: bool, dry_run: bool, **flags: Any) 
         return
     from ..runner import run
 
-    results = run(config, out, resume)
+    results = run(config, out, resume, store=cache_dir)
     click.echo((Path(results["run_dir"]) / "results.md").read_text())
     click.echo(f"run directory: {results['run_dir']}")
 

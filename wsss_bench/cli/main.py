@@ -23,9 +23,11 @@ def cli() -> None:
 
 
 def _register_builtin_commands() -> None:
-    from . import cmd_data, cmd_eval, cmd_import, cmd_plugins, cmd_run, cmd_steps
+    from . import (cmd_bench, cmd_data, cmd_eval, cmd_export, cmd_import, cmd_plugins, cmd_run,
+                   cmd_steps)
 
-    for module in (cmd_run, cmd_eval, cmd_plugins, cmd_data, cmd_steps, cmd_import):
+    for module in (cmd_run, cmd_eval, cmd_plugins, cmd_data, cmd_steps, cmd_import, cmd_bench,
+                   cmd_export):
         module.register(cli)
 
 
@@ -36,3 +38,7 @@ add_plugin_commands(cli)
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="wsss")
+
+
+if __name__ == "__main__":
+    main()

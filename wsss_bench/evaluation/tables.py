@@ -28,9 +28,17 @@ def results_markdown(results: dict[str, Any]) -> str:
     """The ``results.md`` of a run: summary rows, then per-class IoU of the final rows."""
     rows = results["rows"]
     extra_cols = [c for c in ("round",) if any(c in r for r in rows)]
-    header = ["split", *extra_cols, "stage", "mIoU (%)", "images"]
+    policies = [p for p in ("heldout", "oracle") if any(p in r.get("policies", {}) for r in rows)]
+    titles = {"heldout": "held-out thr. mIoU (%)", "oracle": "oracle thr. mIoU (%, upper bound)"}
+    header = ["split", *extra_cols, "stage", f"mIoU (%) @ {results.get('threshold', 0.15)}",
+              *[titles[p] for p in policies], "images"]
+
+    def policy_cell(row: dict[str, Any], name: str) -> str:
+        found = row.get("policies", {}).get(name)
+        return "–" if not found else f"{pct(found['miou'])} (t={found['threshold']:.2f})"
+
     body = [[r["split"], *[r.get(c, "") for c in extra_cols], r["protocol"]["stage"],
-             pct(r["miou"]), r["num_images"]] for r in rows]
+             pct(r["miou"]), *[policy_cell(r, p) for p in policies], r["num_images"]] for r in rows]
     parts = [f"# {results['method']} on {results['dataset']} ({results['backbone']})", "",
              f"seed {results['seed']}, device {results['device']}, wall time "
              f"{results['wall_time_s']:.1f} s", "", markdown_table(header, body), ""]

@@ -1,0 +1,69 @@
+"""`wsss bench`: matrix expansion, shared stages, skipping finished cells, tables."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from wsss_bench.bench import Cell, expand, load_bench
+from wsss_bench.cli.main import cli
+from wsss_bench.errors import ConfigError
+
+
+def bench_file(tmp_path: Path, root: Path, matrix: str) -> Path:
+    path = tmp_path / "bench.yaml"
+    path.write_text(f"""
+name: tiny
+preset: smoke
+base:
+  device: cpu
+  dataset: {{name: null, root: {root}}}
+  backbone: {{name: resnet38d, options: {{width: 0.0625, freeze_bn: false, freeze_stem: false}}}}
+  train: {{epochs: 1, crop_size: 32, resize_long: [32, 48]}}
+  cams: {{scales: [1.0]}}
+matrix:
+{matrix}
+""")
+    return path
+
+
+def test_expand_validates_every_cell(tmp_path: Path, tiny_voc: Path) -> None:
+    spec = load_bench(bench_file(tmp_path, tiny_voc, "  method.name: [cam]\n  seed: [0, 1]\n"))
+    cells = expand(spec)
+    assert [c.values for c in cells] == [{"method.name": "cam", "seed": 0}, {"method.name": "cam", "seed": 1}]
+    assert cells[0].slug == "method-cam__seed-0"
+    bad = bench_file(tmp_path, tiny_voc, "  train.epochs: [0]\n")
+    with pytest.raises(ConfigError, match="train.epochs"):
+        expand(load_bench(bad))
+
+
+def test_unknown_bench_key(tmp_path: Path) -> None:
+    path = tmp_path / "b.yaml"
+    path.write_text("matrix: {seed: [0]}\nbogus: 1\n")
+    with pytest.raises(ConfigError, match="bogus"):
+        load_bench(path)
+
+
+def test_bench_runs_shares_and_skips(tmp_path: Path, tiny_voc: Path) -> None:
+    path = bench_file(tmp_path, tiny_voc, "  method.name: [cam, subcat]\n  seed: [0, 1]\n")
+    out = tmp_path / "out"
+    runner = CliRunner()
+    result = runner.invoke(cli, ["bench", str(path), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    for name in ("bench.md", "bench.csv", "bench.json", "bench.tex"):
+        assert (out / name).is_file()
+    data = json.loads((out / "bench.json").read_text())
+    final_cam = [r for r in data["rows"] if r["group"] == {"method.name": "cam"} and r["split"] == "val"]
+    assert final_cam and final_cam[0]["n"] == 2 and len(final_cam[0]["mious"]) == 2
+    # the subcat cells reuse the round-0 classifier of the cam cells with the same seed
+    manifest = json.loads((out / "cells/method-subcat__seed-0/manifest.json").read_text())
+    train0 = next(s for s in manifest["stages"] if s["name"] == "train:round0")
+    assert train0["reused"] is True
+    cam_val = json.loads((out / "cells/method-cam__seed-0/results.json").read_text())["miou"]["val"]
+    sub_rows = json.loads((out / "cells/method-subcat__seed-0/results.json").read_text())["rows"]
+    assert next(r["miou"] for r in sub_rows if r["round"] == 0 and r["split"] == "val") == pytest.approx(cam_val)
+    # a second invocation skips every finished cell
+    again = runner.invoke(cli, ["bench", str(path), "--out", str(out)])
+    assert again.exit_code == 0 and again.output.count("done, skipped") == 4

@@ -1,0 +1,220 @@
+"""``wsss bench``: a matrix of runs (methods x backbones x clusterers x K x seeds), aggregated.
+
+A bench file::
+
+    name: clusterers
+    preset: default                 # the preset every cell starts from
+    base: {method: {name: subcat}}  # config layered over it (like --config)
+    matrix:                         # dotted config keys -> values; the cells are the product
+      method.options.clusterer.name: [kmeans, gmm]
+      seed: [0, 1, 2]
+    labels: {method.options.clusterer.name: clusterer}   # optional column titles
+
+Each cell is a normal run directory ``OUT/cells/<cell>``, run in its own process (so its peak
+memory is its own and a crash cannot take the bench down).  All cells share one
+content-addressed store ``OUT/store``: a classifier, a feature set or a CAM folder whose inputs
+were computed by an earlier cell is linked, not recomputed.  A finished cell is skipped on
+re-runs; an interrupted one resumes.
+"""
+from __future__ import annotations
+
+import csv
+import io as _io
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import yaml
+
+from . import io
+from .config import deep_merge, load_config, parse_override, read_yaml_file
+from .errors import ConfigError
+from .evaluation.tables import markdown_table, pct
+
+BENCH_KEYS = {"name", "preset", "base", "matrix", "labels", "description"}
+
+
+@dataclass
+class Cell:
+    """One point of the matrix."""
+
+    values: dict[str, Any]
+    config: dict[str, Any]
+
+    @property
+    def slug(self) -> str:
+        """A readable, filesystem-safe id built from the axis values."""
+        parts = [f"{key.split('.')[-1] if key.split('.')[-1] != 'name' else key.split('.')[-2]}-{value}"
+                 for key, value in self.values.items()]
+        return re.sub(r"[^A-Za-z0-9_.=-]+", "_", "__".join(parts))[:180] or "cell"
+
+
+def load_bench(path: Path) -> dict[str, Any]:
+    """Read and check a bench file."""
+    spec = read_yaml_file(Path(path))
+    unknown = set(spec) - BENCH_KEYS
+    if unknown:
+        raise ConfigError(f"{path}: unknown bench keys {sorted(unknown)}; allowed: {sorted(BENCH_KEYS)}")
+    matrix = spec.get("matrix") or {}
+    if not isinstance(matrix, dict) or not all(isinstance(v, list) and v for v in matrix.values()):
+        raise ConfigError(f"{path}: 'matrix' must map config keys to non-empty lists of values")
+    spec.setdefault("name", Path(path).stem)
+    return spec
+
+
+def expand(spec: dict[str, Any]) -> list[Cell]:
+    """Every combination of the matrix values, each validated as a full config."""
+    matrix = spec.get("matrix") or {}
+    keys = list(matrix)
+    cells = []
+    for combo in itertools.product(*(matrix[k] for k in keys)):
+        values = dict(zip(keys, combo))
+        layer = spec.get("base") or {}
+        for key, value in values.items():
+            layer = deep_merge(layer, parse_override(f"{key}={json.dumps(value)}"))
+        config = load_config(spec.get("preset"), None, [layer])  # validates now, not mid-bench
+        cells.append(Cell(values, config.to_dict()))
+    return cells
+
+
+def _run_cell(cell: Cell, cell_dir: Path, store: Path, quiet: bool) -> dict[str, Any]:
+    """Run one cell in a child process; returns its wall time and peak memory."""
+    config_file = cell_dir / "cell-config.yaml"
+    io.write_yaml(config_file, cell.config)
+    cmd = [sys.executable, "-m", "wsss_bench.cli.main", "run", "--config", str(config_file),
+           "--out", str(cell_dir), "--resume", "--cache-dir", str(store), "--quiet"]
+    start = time.perf_counter()
+    log = open(cell_dir / "cell.log", "ab")
+    try:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    finally:
+        log.close()
+    return {"returncode": proc.returncode, "seconds": time.perf_counter() - start,
+            "peak_rss_mb": usage.ru_maxrss / 1024.0}
+
+
+def run_bench(path: Path, out: Optional[Path] = None, quiet: bool = False,
+              echo: Any = print) -> dict[str, Any]:
+    """Run (or continue) a bench and write its tables; returns the aggregate."""
+    spec = load_bench(path)
+    cells = expand(spec)
+    out = Path(out or Path("runs") / f"bench-{spec['name']}")
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    store = out / "store"
+    io.write_yaml(out / "bench.yaml", spec)
+    records = []
+    for number, cell in enumerate(cells, 1):
+        cell_dir = out / "cells" / cell.slug
+        results_file = cell_dir / "results.json"
+        meta_file = cell_dir / "cell.json"
+        done = results_file.is_file() and meta_file.is_file() and \
+            json.loads(meta_file.read_text()).get("config") == cell.config
+        if not done:
+            cell_dir.mkdir(parents=True, exist_ok=True)
+            echo(f"[{number}/{len(cells)}] {cell.slug}")
+            meta = _run_cell(cell, cell_dir, store, quiet)
+            if meta["returncode"] != 0 or not results_file.is_file():
+                tail = (cell_dir / "cell.log").read_text(errors="replace").strip().splitlines()[-1:]
+                raise ConfigError(f"bench cell {cell.slug} failed (exit {meta['returncode']}): "
+                                  f"{tail[0] if tail else 'no output'}; see {cell_dir / 'cell.log'}")
+            io.write_json(meta_file, {"config": cell.config, "values": cell.values, **meta})
+        else:
+            echo(f"[{number}/{len(cells)}] {cell.slug}: done, skipped")
+        meta = json.loads(meta_file.read_text())
+        records.append({"cell": cell, "results": json.loads(results_file.read_text()), "meta": meta})
+    return write_tables(spec, records, out)
+
+
+def _group_key(values: dict[str, Any]) -> tuple:
+    return tuple((k, json.dumps(v)) for k, v in values.items() if k != "seed")
+
+
+def aggregate(spec: dict[str, Any], records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean ± std over seeds of each cell group's final mIoU per split and stage."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for rec in records:
+        groups.setdefault(_group_key(rec["cell"].values), []).append(rec)
+    rows = []
+    for key, recs in groups.items():
+        by_row: dict[tuple, list[float]] = {}
+        protocols: dict[tuple, dict[str, Any]] = {}
+        for rec in recs:
+            for r in rec["results"]["rows"]:
+                ident = (r["split"], r.get("round", ""), r["protocol"]["stage"])
+                by_row.setdefault(ident, []).append(r["miou"])
+                protocols[ident] = r["protocol"]
+        seeds = [rec["cell"].values.get("seed", rec["results"].get("seed")) for rec in recs]
+        for ident, values in sorted(by_row.items(), key=lambda kv: (str(kv[0][1]), kv[0][0])):
+            arr = np.array(values, dtype=float)
+            rows.append({
+                "group": dict((k, json.loads(v)) for k, v in key), "split": ident[0],
+                "round": ident[1], "stage": ident[2], "n": int(arr.size),
+                "miou_mean": float(arr.mean()), "miou_std": float(arr.std(ddof=1)) if arr.size > 1 else 0.0,
+                "mious": arr.tolist(), "seeds": seeds, "protocol": protocols[ident],
+                "seconds_mean": float(np.mean([r["meta"]["seconds"] for r in recs])),
+                "peak_rss_mb_max": float(max(r["meta"]["peak_rss_mb"] for r in recs)),
+            })
+    return rows
+
+
+def write_tables(spec: dict[str, Any], records: list[dict[str, Any]], out: Path) -> dict[str, Any]:
+    """``bench.md``, ``bench.csv``, ``bench.json`` and ``bench.tex``."""
+    rows = aggregate(spec, records)
+    labels = spec.get("labels") or {}
+    axes = [k for k in (spec.get("matrix") or {}) if k != "seed"]
+    titles = [labels.get(a, a) for a in axes]
+    header = [*titles, "split", "round", "stage", "mIoU % (mean ± std)", "n seeds", "time / cell (s)", "peak RSS (MB)"]
+    table = []
+    for r in rows:
+        table.append([*[r["group"].get(a) for a in axes], r["split"], r["round"], r["stage"],
+                      f"{pct(r['miou_mean'])} ± {pct(r['miou_std'])}", r["n"],
+                      f"{r['seconds_mean']:.0f}", f"{r['peak_rss_mb_max']:.0f}"])
+    proto = rows[0]["protocol"] if rows else {}
+    seeds = sorted({s for r in rows for s in r["seeds"] if s is not None})
+    md = [f"# Bench: {spec['name']}", "",
+          f"Protocol: CAM seeds (stage `cam` = head-weight CAM; other stages name the post-hoc "
+          f"method), threshold policy `{proto.get('threshold_policy')}` (background score "
+          f"{proto.get('threshold')}), ignore label {proto.get('ignore_index')}, mIoU over "
+          f"{proto.get('mean_over')}; seeds {seeds}; std is the sample std over seeds.", "",
+          markdown_table(header, table), ""]
+    io.write_text(out / "bench.md", "\n".join(md))
+    buffer = _io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow([*axes, "split", "round", "stage", "miou_mean", "miou_std", "n", "mious",
+                     "threshold_policy", "threshold", "ignore_index", "seconds_mean", "peak_rss_mb_max"])
+    for r in rows:
+        writer.writerow([*[r["group"].get(a) for a in axes], r["split"], r["round"], r["stage"],
+                         f"{r['miou_mean']:.6f}", f"{r['miou_std']:.6f}", r["n"],
+                         " ".join(f"{m:.6f}" for m in r["mious"]), r["protocol"].get("threshold_policy"),
+                         r["protocol"].get("threshold"), r["protocol"].get("ignore_index"),
+                         f"{r['seconds_mean']:.2f}", f"{r['peak_rss_mb_max']:.1f}"])
+    io.write_text(out / "bench.csv", buffer.getvalue())
+    io.write_json(out / "bench.json", {"name": spec["name"], "spec": spec, "rows": rows})
+    io.write_text(out / "bench.tex", latex_table(titles, axes, rows))
+    return {"rows": rows, "out": str(out), "markdown": "\n".join(md)}
+
+
+def latex_table(titles: list[str], axes: list[str], rows: list[dict[str, Any]]) -> str:
+    """A booktabs table: axes, split, round, stage, mIoU mean ± std."""
+    def esc(text: Any) -> str:
+        return re.sub(r"([_%&#$])", r"\\\1", str(text))
+
+    cols = "l" * (len(titles) + 3) + "r"
+    lines = [r"\begin{tabular}{" + cols + "}", r"\toprule",
+             " & ".join([*map(esc, titles), "split", "round", "stage", r"mIoU (\%)"]) + r" \\", r"\midrule"]
+    for r in rows:
+        cells = [*[esc(r["group"].get(a)) for a in axes], esc(r["split"]), esc(r["round"]), esc(r["stage"]),
+                 f"${100 * r['miou_mean']:.1f} \\pm {100 * r['miou_std']:.1f}$"]
+        lines.append(" & ".join(cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}", ""]
+    return "\n".join(lines)
