@@ -87,6 +87,10 @@ class MethodContext:
     # -- models -------------------------------------------------------------------------------
     def new_classifier(self, sub_classes: int = 0, init_weights: Optional[Path] = None) -> Classifier:
         """A fresh classifier on the configured backbone, optionally from pretrained weights."""
+        # Seeded here, not by whatever ran before: a resumed run (which skips finished stages)
+        # builds the same initial weights as an uninterrupted one, and every SC-CAM round
+        # restarts from the same initialisation, as the paper restarts from ImageNet weights.
+        torch.manual_seed(self.config.seed)
         backbone = create_backbone(self.config.backbone.name, **self.config.backbone.options)
         model = Classifier(backbone, self.num_classes, sub_classes, self.config.train.head_dropout)
         weights = init_weights or self.config.train.init_weights
@@ -140,7 +144,8 @@ class MethodContext:
         key = digest({"train": cfg.model_dump(mode="json"), "backbone": self.config.backbone.model_dump(),
                       "ids": self.train_set.ids, "seed": self.config.seed + seed_offset,
                       "targets": {k: digest(v) for k, v in (extra_targets or {}).items()},
-                      "weights": loss_weights, "heads": model.describe()})
+                      "weights": loss_weights, "heads": model.describe(),
+                      "init": checkpoints.state_digest(model)})
         path = self.checkpoint_path(tag)
         stored = self._stored("checkpoints", key, ".pth")
         if stored is not None and stored.is_file() and not path.is_file():
@@ -154,22 +159,17 @@ class MethodContext:
                 checkpoints.load_into(model, found["state_dict"], str(path))
                 self.record(f"train:{tag}", inputs, [path], started, reused=True)
                 return path
-        snapshot: dict[str, Any] = {}
-
-        def keep_snapshot(epoch: int) -> None:
-            if cfg.snapshot_epoch is not None and epoch == cfg.snapshot_epoch:
-                snapshot["state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-
+        state_file = path.with_suffix(".state.pth")
         train_log = train_classifier(model, self.train_set, cfg, self.device, self.config.seed + seed_offset,
-                                     extra_targets, loss_weights, self.show_progress, tag, keep_snapshot)
-        if "state" in snapshot:  # SC-CAM keeps a mid-schedule epoch (30/40/50 of 61)
-            model.load_state_dict(snapshot["state"])
+                                     extra_targets, loss_weights, self.show_progress, tag,
+                                     state_file=state_file, state_key=key)
         self.extra.setdefault("training", {})[tag] = {
             "seconds": round(train_log.seconds, 2), "images_per_second": round(train_log.images_per_second, 2),
             "losses": train_log.epoch_losses}
         checkpoints.save_checkpoint(path, model, {"tag": tag, "input_digest": key,
                                                   "backbone": self.config.backbone.model_dump(),
                                                   "class_names": self.class_names, "heads": model.describe()})
+        state_file.unlink(missing_ok=True)  # our own resume file, superseded by the checkpoint
         self.record(f"train:{tag}", inputs, [path], started)
         if stored is not None:
             link_file(path, stored)

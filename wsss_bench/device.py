@@ -34,3 +34,8 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
     os.environ.setdefault("PYTHONHASHSEED", str(seed))
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed derived from integers, stable across processes (unlike ``hash`` of str)."""
+    return int(np.random.SeedSequence([abs(int(p)) for p in parts]).generate_state(2, np.uint64)[0] >> 1)

@@ -75,6 +75,11 @@ def prepare_run_dir(path: Path, resume: bool) -> Path:
         raise ConfigError(f"{path}: cannot create the output folder ({exc.strerror})") from None
     if not os.access(path, os.W_OK):
         raise ConfigError(f"{path}: output folder is not writable")
+    if resume:
+        # Temporary files of a killed process (ours by name) are never valid output.
+        for stale in path.rglob(".*"):
+            if stale.is_file() and stale.name.endswith((".tmp", ".link")):
+                stale.unlink()
     return path
 
 

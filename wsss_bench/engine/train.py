@@ -4,16 +4,19 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from .. import io
 from ..config import TrainConfig
 from ..data.transforms import TrainTransform
 from ..data.voc import VOCDataset
+from ..device import derive_seed
 from ..progress import progress_bar
 from .model import PARENT, Classifier
 
@@ -27,18 +30,26 @@ class LabelledImages(Dataset):
         self.targets = targets
         self.transform = transform
         self.seed = seed
-        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.dataset.ids)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        epoch, index = item
         image_id = self.dataset.ids[index]
-        # A generator per (seed, epoch, index) makes augmentation independent of worker count.
-        rng = random.Random(hash((self.seed, self.epoch, index)))
-        torch.manual_seed(rng.getrandbits(63))
+        # Randomness depends only on (seed, epoch, index): augmentation is the same whatever the
+        # worker count, and a resumed run sees exactly the images an uninterrupted one would.
+        rng = random.Random(derive_seed(self.seed, epoch, index))
+        torch.manual_seed(rng.getrandbits(63))  # ColorJitter draws from torch's global RNG
         image = self.transform(self.dataset.load_image(image_id), rng)
         return image, {name: torch.from_numpy(t[index]) for name, t in self.targets.items()}
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[tuple[int, int]]]:
+    """The shuffled batches of one epoch (last partial batch dropped when a full one exists)."""
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    stop = n - n % batch_size if n >= batch_size else n
+    return [[(epoch, int(i)) for i in order[b:b + batch_size]] for b in range(0, stop, batch_size)]
 
 
 @dataclass
@@ -72,33 +83,42 @@ def train_classifier(model: Classifier, dataset: VOCDataset, cfg: TrainConfig,
                      extra_targets: Optional[dict[str, np.ndarray]] = None,
                      loss_weights: Optional[dict[str, float]] = None,
                      show_progress: bool = False, description: str = "train",
-                     on_snapshot: Optional[Callable[[int], None]] = None) -> TrainLog:
-    """Train ``model`` in place on ``dataset`` (parent labels + optional extra heads' targets)."""
+                     state_file: Optional[Path] = None, state_key: str = "") -> TrainLog:
+    """Train ``model`` in place on ``dataset`` (parent labels + optional extra heads' targets).
+
+    With ``state_file``, the full training state (weights, optimizer, epoch, step, log) is saved
+    atomically after every epoch and picked up again when it exists with the same
+    ``state_key``: a killed run resumes at the last finished epoch and ends with the weights an
+    uninterrupted run would have.  ``cfg.snapshot_epoch`` keeps the weights after that epoch
+    (SC-CAM's mid-schedule checkpoints) instead of the last ones.
+    """
     targets = {PARENT: np.stack([dataset.label(i) for i in dataset.ids]).astype(np.float32)}
     for name, value in (extra_targets or {}).items():
         targets[name] = np.asarray(value, np.float32)
     weights = {name: 1.0 for name in targets} | (loss_weights or {})
     data = LabelledImages(dataset, targets,
                           TrainTransform(cfg.resize_long, cfg.crop_size, cfg.color_jitter), seed)
-    generator = torch.Generator().manual_seed(seed)
-    drop_last = len(data) >= cfg.batch_size
-    loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, drop_last=drop_last,
-                        num_workers=cfg.num_workers, generator=generator,
-                        persistent_workers=False)
-    steps_per_epoch = len(loader)
+    steps_per_epoch = len(epoch_batches(len(data), cfg.batch_size, seed, 0))
     max_step = max(1, steps_per_epoch * cfg.epochs)
     optimizer = make_optimizer(model, cfg)
     model.to(device).train()
     log = TrainLog()
-    start, seen, step = time.perf_counter(), 0, 0
-    for epoch in range(cfg.epochs):
-        data.epoch = epoch
+    first_epoch, step = 0, 0
+    snapshot: Optional[dict[str, torch.Tensor]] = None
+    resumed = load_train_state(state_file, state_key, model, optimizer)
+    if resumed is not None:
+        first_epoch, step, log.epoch_losses, snapshot = resumed
+    start, seen = time.perf_counter(), 0
+    for epoch in range(first_epoch, cfg.epochs):
+        loader = DataLoader(data, batch_sampler=epoch_batches(len(data), cfg.batch_size, seed, epoch),
+                            num_workers=cfg.num_workers)
         totals: dict[str, float] = {}
         batches = progress_bar(loader, f"{description} epoch {epoch + 1}/{cfg.epochs}",
                                show_progress, total=steps_per_epoch)
         for images, batch_targets in batches:
             for group in optimizer.param_groups:
                 group["lr"] = poly_lr(group["initial_lr"], step, max_step, cfg.poly_power)
+            torch.manual_seed(derive_seed(seed, 1 << 20, step))  # dropout masks depend on the step only
             images = images.to(device, non_blocking=True)
             logits, _ = model(images)
             losses = {name: F.multilabel_soft_margin_loss(logits[name], batch_targets[name].to(device))
@@ -112,9 +132,41 @@ def train_classifier(model: Classifier, dataset: VOCDataset, cfg: TrainConfig,
             for name, value in losses.items():
                 totals[name] = totals.get(name, 0.0) + float(value.detach())
         log.epoch_losses.append({k: v / max(1, steps_per_epoch) for k, v in totals.items()})
-        if on_snapshot is not None:
-            on_snapshot(epoch)
+        if epoch == cfg.snapshot_epoch:
+            snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if state_file is not None:
+            save_train_state(state_file, state_key, model, optimizer, epoch + 1, step,
+                             log.epoch_losses, snapshot)
+    if snapshot is not None:
+        model.load_state_dict(snapshot)
     log.seconds = time.perf_counter() - start
     log.images_per_second = seen / log.seconds if log.seconds else 0.0
     model.eval()
     return log
+
+
+def save_train_state(path: Path, key: str, model: Classifier, optimizer: torch.optim.Optimizer,
+                     epoch: int, step: int, losses: list[dict[str, float]],
+                     snapshot: Optional[dict[str, torch.Tensor]] = None) -> None:
+    """Atomically save everything needed to continue training after ``epoch``."""
+    payload = {"key": key, "epoch": epoch, "step": step, "losses": losses,
+               "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+               "snapshot": snapshot or {}}
+    io.write_with(path, lambda handle: torch.save(payload, handle))
+
+
+def load_train_state(path: Optional[Path], key: str, model: Classifier,
+                     optimizer: torch.optim.Optimizer
+                     ) -> Optional[tuple[int, int, list[dict[str, float]], Optional[dict[str, torch.Tensor]]]]:
+    """Restore a saved training state for the same inputs; ``None`` when there is none."""
+    if path is None or not Path(path).is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a damaged state file only costs the epochs it held
+        return None
+    if not isinstance(state, dict) or state.get("key") != key:
+        return None
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    return int(state["epoch"]), int(state["step"]), list(state["losses"]), state.get("snapshot") or None
