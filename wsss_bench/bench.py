@@ -51,9 +51,17 @@ class Cell:
 
     @property
     def slug(self) -> str:
-        """A readable, filesystem-safe id built from the axis values."""
-        parts = [f"{key.split('.')[-1] if key.split('.')[-1] != 'name' else key.split('.')[-2]}-{value}"
-                 for key, value in self.values.items()]
+        """A readable, filesystem-safe id built from the axis values.
+
+        A component given as a mapping (``{name: scorecam, options: {...}}``) shows its name.
+        """
+        parts = []
+        for key, value in self.values.items():
+            words = key.split(".")
+            title = words[-2] if words[-1] == "name" and len(words) > 1 else words[-1]
+            if isinstance(value, dict) and "name" in value:
+                value = value["name"]
+            parts.append(f"{title}-{value}")
         return re.sub(r"[^A-Za-z0-9_.=-]+", "_", "__".join(parts))[:180] or "cell"
 
 
@@ -82,6 +90,11 @@ def expand(spec: dict[str, Any]) -> list[Cell]:
             layer = deep_merge(layer, parse_override(f"{key}={json.dumps(value)}"))
         config = load_config(spec.get("preset"), None, [layer])  # validates now, not mid-bench
         cells.append(Cell(values, config.to_dict()))
+    slugs = [c.slug for c in cells]
+    duplicates = sorted({s for s in slugs if slugs.count(s) > 1})
+    if duplicates:
+        raise ConfigError(f"bench cells would share a folder name: {duplicates}; give the "
+                          "components distinct names")
     return cells
 
 
@@ -136,7 +149,12 @@ def run_bench(path: Path, out: Optional[Path] = None, quiet: bool = False,
 
 
 def _group_key(values: dict[str, Any]) -> tuple:
-    return tuple((k, json.dumps(v)) for k, v in values.items() if k != "seed")
+    return tuple((k, json.dumps(v, sort_keys=True)) for k, v in values.items() if k != "seed")
+
+
+def _show(value: Any) -> Any:
+    """A table cell for an axis value (a component mapping shows its name)."""
+    return value["name"] if isinstance(value, dict) and "name" in value else value
 
 
 def aggregate(spec: dict[str, Any], records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -176,7 +194,7 @@ def write_tables(spec: dict[str, Any], records: list[dict[str, Any]], out: Path)
     header = [*titles, "split", "round", "stage", "mIoU % (mean ± std)", "n seeds", "time / cell (s)", "peak RSS (MB)"]
     table = []
     for r in rows:
-        table.append([*[r["group"].get(a) for a in axes], r["split"], r["round"], r["stage"],
+        table.append([*[_show(r["group"].get(a)) for a in axes], r["split"], r["round"], r["stage"],
                       f"{pct(r['miou_mean'])} ± {pct(r['miou_std'])}", r["n"],
                       f"{r['seconds_mean']:.0f}", f"{r['peak_rss_mb_max']:.0f}"])
     proto = rows[0]["protocol"] if rows else {}
@@ -193,7 +211,7 @@ def write_tables(spec: dict[str, Any], records: list[dict[str, Any]], out: Path)
     writer.writerow([*axes, "split", "round", "stage", "miou_mean", "miou_std", "n", "mious",
                      "threshold_policy", "threshold", "ignore_index", "seconds_mean", "peak_rss_mb_max"])
     for r in rows:
-        writer.writerow([*[r["group"].get(a) for a in axes], r["split"], r["round"], r["stage"],
+        writer.writerow([*[_show(r["group"].get(a)) for a in axes], r["split"], r["round"], r["stage"],
                          f"{r['miou_mean']:.6f}", f"{r['miou_std']:.6f}", r["n"],
                          " ".join(f"{m:.6f}" for m in r["mious"]), r["protocol"].get("threshold_policy"),
                          r["protocol"].get("threshold"), r["protocol"].get("ignore_index"),
@@ -213,7 +231,7 @@ def latex_table(titles: list[str], axes: list[str], rows: list[dict[str, Any]]) 
     lines = [r"\begin{tabular}{" + cols + "}", r"\toprule",
              " & ".join([*map(esc, titles), "split", "round", "stage", r"mIoU (\%)"]) + r" \\", r"\midrule"]
     for r in rows:
-        cells = [*[esc(r["group"].get(a)) for a in axes], esc(r["split"]), esc(r["round"]), esc(r["stage"]),
+        cells = [*[esc(_show(r["group"].get(a))) for a in axes], esc(r["split"]), esc(r["round"]), esc(r["stage"]),
                  f"${100 * r['miou_mean']:.1f} \\pm {100 * r['miou_std']:.1f}$"]
         lines.append(" & ".join(cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}", ""]

@@ -21,6 +21,9 @@ from .errors import ConfigError
 from .registry import format_validation_error
 
 
+Precision = Literal["fp32", "bf16", "fp16", "auto"]
+
+
 class Strict(BaseModel):
     """Base model: unknown keys are errors and values are checked on assignment."""
 
@@ -66,6 +69,7 @@ class TrainConfig(Strict):
     num_workers: int = Field(default=0, ge=0)
     init_weights: Optional[Path] = None
     snapshot_epoch: Optional[int] = Field(default=None, ge=0)
+    precision: Precision = "fp32"
 
     @field_validator("resize_long")
     @classmethod
@@ -81,6 +85,9 @@ class CamConfig(Strict):
     scales: list[float] = Field(default_factory=lambda: [1.0, 0.5, 1.5, 2.0])
     flip: bool = True
     head: str = "parent"
+    # fp32 reproduces the original code's maps; bf16/fp16 autocast the backbone (upsampling,
+    # fusion and normalisation stay fp32).  ``auto``: bf16 where the hardware has it natively.
+    precision: Precision = "fp32"
 
     @field_validator("scales")
     @classmethod

@@ -219,6 +219,7 @@ class MethodContext:
             out = self.run_dir / "cams" / folder / split
             started = time.perf_counter()
             inputs = {"model": model_key, "scales": self.config.cams.scales, "stage": stage,
+                      "precision": self.config.cams.precision,
                       "flip": self.config.cams.flip, "head": head, "ids": digest(dataset.ids),
                       "root": str(dataset.root)}
             stored = self._stored("cams", digest(inputs))
@@ -227,7 +228,8 @@ class MethodContext:
                 link_tree(stored, out)
             else:
                 infer_split(model, dataset, out, self.config.cams.scales, self.config.cams.flip,
-                            self.device, head, self.show_progress, cam_fn=cam_fn)
+                            self.device, head, self.show_progress, cam_fn=cam_fn,
+                            precision=self.config.cams.precision)
                 if stored is not None:
                     link_tree(out, stored)
                     io.write_text(stored / "complete", "")

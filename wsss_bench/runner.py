@@ -98,6 +98,9 @@ def make_context(config: RunConfig, run_dir: Path, resume: bool = False,
                  store: Optional[Path] = None) -> MethodContext:
     """Validate plugins, pick the device, seed, open the data and the run directory."""
     validate_plugins(config)
+    # Denormal floats (weights decayed towards zero, tiny activations) slow CPU kernels down by
+    # an order of magnitude; flushing them changes nothing measurable in CAMs or mIoU.
+    torch.set_flush_denormal(True)
     init = config.train.init_weights
     if init is not None and not Path(init).is_file():
         raise WeightsError(f"{init}: train.init_weights file not found")

@@ -17,6 +17,7 @@ from PIL import Image
 
 from ..data.transforms import normalize, resize_by_scale
 from ..data.voc import VOCDataset
+from ..device import autocast
 from ..evaluation.camfiles import write_cam
 from ..progress import progress_bar
 from .model import PARENT, SUB, Classifier
@@ -49,7 +50,8 @@ def sub_channels(class_ids: Sequence[int], k: int) -> list[int]:
 
 def image_cams(model: Classifier, image: Image.Image, class_ids: Sequence[int],
                scales: Sequence[float], flip: bool, device: torch.device,
-               head: str = PARENT, cam_fn: Optional[CamFunction] = None) -> np.ndarray:
+               head: str = PARENT, cam_fn: Optional[CamFunction] = None,
+               precision: str = "fp32") -> np.ndarray:
     """Normalised CAMs ``[len(class_ids), H, W]`` of one image.
 
     With ``head="sub"`` each parent's K sub-category maps are normalised by their joint max
@@ -59,7 +61,8 @@ def image_cams(model: Classifier, image: Image.Image, class_ids: Sequence[int],
     """
     if cam_fn is None:
         with torch.inference_mode():
-            return image_cams(model, image, class_ids, scales, flip, device, head, head_cams(head))
+            return image_cams(model, image, class_ids, scales, flip, device, head, head_cams(head),
+                              precision)
     width, height = image.size
     n = len(class_ids)
     if n == 0:
@@ -73,7 +76,9 @@ def image_cams(model: Classifier, image: Image.Image, class_ids: Sequence[int],
     total: Optional[torch.Tensor] = None
     for scale in scales:
         x = _input_batch(image, scale, flip).to(device)
-        cam = cam_fn(model, x, index).detach()
+        with autocast(device, precision):
+            cam = cam_fn(model, x, index).detach()
+        cam = cam.float()
         cam = F.interpolate(cam, size=(height, width), mode="bilinear", align_corners=False)
         fused = cam[0] + cam[1].flip(-1) if flip else cam[0]
         total = fused if total is None else total + fused
@@ -87,7 +92,7 @@ def image_cams(model: Classifier, image: Image.Image, class_ids: Sequence[int],
 def infer_split(model: Classifier, dataset: VOCDataset, out_dir: Path, scales: Sequence[float],
                 flip: bool, device: torch.device, head: str = PARENT,
                 show_progress: bool = False, skip_existing: bool = True,
-                cam_fn: Optional[CamFunction] = None) -> int:
+                cam_fn: Optional[CamFunction] = None, precision: str = "fp32") -> int:
     """Write ``<id>.npz`` CAM files for every image of ``dataset``; returns how many were new."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -99,7 +104,7 @@ def infer_split(model: Classifier, dataset: VOCDataset, out_dir: Path, scales: S
             continue
         keys = np.flatnonzero(dataset.label(image_id))
         cams = image_cams(model, dataset.load_image(image_id), keys.tolist(), scales, flip,
-                          device, head, cam_fn)
+                          device, head, cam_fn, precision)
         write_cam(path, keys, cams)
         written += 1
     return written

@@ -16,7 +16,7 @@ from .. import io
 from ..config import TrainConfig
 from ..data.transforms import TrainTransform
 from ..data.voc import VOCDataset
-from ..device import derive_seed
+from ..device import autocast, derive_seed
 from ..progress import progress_bar
 from .model import PARENT, Classifier
 
@@ -120,8 +120,9 @@ def train_classifier(model: Classifier, dataset: VOCDataset, cfg: TrainConfig,
                 group["lr"] = poly_lr(group["initial_lr"], step, max_step, cfg.poly_power)
             torch.manual_seed(derive_seed(seed, 1 << 20, step))  # dropout masks depend on the step only
             images = images.to(device, non_blocking=True)
-            logits, _ = model(images)
-            losses = {name: F.multilabel_soft_margin_loss(logits[name], batch_targets[name].to(device))
+            with autocast(device, cfg.precision):
+                logits, _ = model(images)
+            losses = {name: F.multilabel_soft_margin_loss(logits[name].float(), batch_targets[name].to(device))
                       for name in targets}
             loss = sum(weights[name] * value for name, value in losses.items())
             optimizer.zero_grad(set_to_none=True)
