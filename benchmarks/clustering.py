@@ -131,8 +131,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
     if args.quick and not args.only:
         names = [name for name in names if name not in SLOW_CLUSTERERS]
     names = [name for name in names if name not in set(args.skip)]
-    # The reference runs first so its per-class inertia is known for the ratio column.
-    if REFERENCE in names:
+    if REFERENCE in names:  # listed first in the table
         names.remove(REFERENCE)
         names.insert(0, REFERENCE)
 
@@ -144,43 +143,49 @@ def run_benchmark(args: argparse.Namespace) -> int:
     print(f"threads: {thread_report()}")
     print()
 
-    header = f"{'clusterer':<18} {'time (s)':>9} {'inertia/kmeans':>15} {'worst class':>12}  notes"
-    print(header)
-    print("-" * len(header))
-    runs: list[tuple[str, Callable[[], Any]]] = [(name, clusterers[name][0]) for name in names]
+    runs: dict[str, Any] = {name: clusterers[name][0]() for name in names}
     if args.with_f32_baseline:
         # scikit-learn fed float32 directly (the registered "kmeans" converts to float64):
         # shows how much of torch-kmeans' lead is just single precision.
         score = import_plugin_modules()[0].within_cluster_ss
-        runs.append(("sklearn-f32 (ref)", lambda: _RawSklearnKMeans(np.float32, score)))
-    reference: dict[str, float] | None = None
-    for name, factory in runs:
-        clusterer = factory()
-        inertia: dict[str, float] = {}
-        n_iter: list[int] = []
-        times = []
-        for repeat in range(args.repeat):
-            start = time.perf_counter()
-            for cls, features in data.items():
+        runs["sklearn-f32 (ref)"] = _RawSklearnKMeans(np.float32, score)
+
+    # Classes in the outer loop and clusterers interleaved inside it: on a shared machine the
+    # background load then falls on every clusterer alike, and the minimum over repeats of each
+    # (class, clusterer) run is the measurement least disturbed by it.
+    seconds = {name: 0.0 for name in runs}
+    inertia: dict[str, dict[str, float]] = {name: {} for name in runs}
+    n_iter: dict[str, list[int]] = {name: [] for name in runs}
+    for cls, features in data.items():
+        line = []
+        for name, clusterer in runs.items():
+            best = float("inf")
+            for _ in range(args.repeat):
+                start = time.perf_counter()
                 clusterer.fit_predict(features, args.k, args.seed)
-                if repeat == 0:  # every clusterer is deterministic: one run gives the stats
-                    stats = getattr(clusterer, "last_stats", {}) or {}
-                    inertia[cls] = float(stats.get("inertia", float("nan")))
-                    if "n_iter" in stats:
-                        n_iter.append(int(stats["n_iter"]))
-            times.append(time.perf_counter() - start)
-        if name == REFERENCE:
-            reference = inertia
+                best = min(best, time.perf_counter() - start)
+            seconds[name] += best
+            stats = getattr(clusterer, "last_stats", {}) or {}  # deterministic: any run will do
+            inertia[name][cls] = float(stats.get("inertia", float("nan")))
+            if "n_iter" in stats:
+                n_iter[name].append(int(stats["n_iter"]))
+            line.append(f"{name} {best:.2f}s")
+        if args.verbose:
+            print(f"  {cls:<12} n={len(features):<5} " + ", ".join(line), flush=True)
+
+    header = f"{'clusterer':<18} {'time (s)':>9} {'speed-up':>9} {'inertia/kmeans':>15} {'worst class':>12}  notes"
+    print(header)
+    print("-" * len(header))
+    reference = inertia.get(REFERENCE)
+    for name in runs:
         if reference is not None:
-            ratio = f"{sum(inertia.values()) / sum(reference.values()):.5f}"
-            worst = f"{max(inertia[c] / reference[c] for c in data):.4f}"
+            ratio = f"{sum(inertia[name].values()) / sum(reference.values()):.5f}"
+            worst = f"{max(inertia[name][c] / reference[c] for c in data):.4f}"
+            speed_up = f"{seconds[REFERENCE] / seconds[name]:.1f}x"
         else:
-            ratio = worst = "n/a"
-        notes = [f"mean n_iter {np.mean(n_iter):.1f}"] if n_iter else []
-        if args.repeat > 1:
-            notes.append("times " + "/".join(f"{t:.2f}" for t in times))
-        # The minimum over repeats is the least disturbed by other load on the machine.
-        print(f"{name:<18} {min(times):>9.2f} {ratio:>15} {worst:>12}  {', '.join(notes)}", flush=True)
+            ratio = worst = speed_up = "n/a"
+        notes = f"mean n_iter {np.mean(n_iter[name]):.1f}" if n_iter[name] else ""
+        print(f"{name:<18} {seconds[name]:>9.2f} {speed_up:>9} {ratio:>15} {worst:>12}  {notes}")
     return 0
 
 
@@ -216,7 +221,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="run only these clusterers (slow ones included even with --quick)")
     parser.add_argument("--skip", nargs="+", default=[], metavar="NAME")
     parser.add_argument("--repeat", type=int, default=1,
-                        help="run each clusterer this many times and report the fastest")
+                        help="time each (class, clusterer) run this many times and keep the fastest")
+    parser.add_argument("--verbose", "-v", action="store_true", help="print per-class times")
     parser.add_argument("--with-f32-baseline", action="store_true",
                         help="also time sklearn KMeans on float32 input (not a registered clusterer)")
     args = parser.parse_args(argv)

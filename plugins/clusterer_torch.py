@@ -253,9 +253,9 @@ def _lloyd(
             if previous is not None
             else torch.zeros(n_active, dtype=torch.bool, device=device)
         )
-        # A restart that just relocated an empty cluster has not settled, whatever its labels.
-        converged = (unchanged | (shift <= tol)) & ~empty.any(dim=1)
-        keep = ~converged
+        # A relocated centre shows up as a large shift, so it cannot pass the tolerance test;
+        # unchanged labels despite an empty cluster only happen with duplicate points.
+        keep = ~(unchanged | (shift <= tol))
         if not bool(keep.any()):
             break
         if not bool(keep.all()):

@@ -115,6 +115,11 @@ class SubCategoryCam:
 
     def __init__(self, **options: Any) -> None:
         self.options = SubcatOptions(**options)
+        # Fail at configuration time, not after round 0 has trained, on a bad clusterer.
+        from wsss_bench.plugins import registry
+
+        registry("clusterer").get(self.options.clusterer.name).validate_options(
+            self.options.clusterer.options)
 
     def run(self, ctx: Any) -> dict[str, Any]:
         opts = self.options
@@ -213,6 +218,10 @@ def register_commands(cli: Any) -> None:
         if features.ndim != 2 or features.shape[0] != len(train_set.ids):
             raise DataError(f"{features_file}: expected features [{len(train_set.ids)}, D] for split "
                             f"{train_set.split!r}, got {features.shape}")
+        bad = np.flatnonzero(~np.isfinite(features).all(axis=1)) if features.dtype.kind == "f" else []
+        if len(bad):
+            raise DataError(f"{features_file}: NaN or Inf in {len(bad)} of {len(features)} rows "
+                            f"(first: row {bad[0]}, image {train_set.ids[bad[0]]!r})")
         labels = np.stack([train_set.label(i) for i in train_set.ids])
         ks = class_k(opts, train_set.class_names)
         algo = create_clusterer(opts.clusterer.name, **opts.clusterer.options)

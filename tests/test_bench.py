@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from wsss_bench.bench import Cell, expand, load_bench
+from wsss_bench.bench import expand, load_bench
 from wsss_bench.cli.main import cli
 from wsss_bench.errors import ConfigError
 

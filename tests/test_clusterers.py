@@ -25,6 +25,13 @@ from wsss_bench.errors import ConfigError, DataError
 
 PLUGIN_MODULES = ("clusterers_sklearn", "clusterer_torch")
 
+# Expected on the tiny, deliberately degenerate inputs below (separate blobs give a disconnected
+# neighbour graph; duplicate rows give fewer distinct points than clusters).
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Graph is not fully connected:UserWarning"),
+    pytest.mark.filterwarnings("ignore:Number of distinct clusters:sklearn.exceptions.ConvergenceWarning"),
+]
+
 
 def _import_plugin(name: str) -> ModuleType:
     """Import ``wsss_bench_plugins.NAME``, or ``plugins.NAME`` from a checkout not pip-installed."""
@@ -282,7 +289,7 @@ def test_torch_kmeans_inertia_close_to_sklearn() -> None:
     # few seeds tests the algorithm rather than the luck of one seed.
     ours = theirs = 0.0
     for seed in range(4):
-        features = overlapping_blobs(1500, 64, 14, seed=seed)
+        features = overlapping_blobs(1000, 48, 14, seed=seed)
         reference = KMeans(n_clusters=10, n_init=10, random_state=seed).fit_predict(features)
         theirs += SKLEARN.within_cluster_ss(features, reference)
         clusterer = make("torch-kmeans")

@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-import yaml
 
 from . import io
 from .config import deep_merge, load_config, parse_override, read_yaml_file
@@ -117,13 +116,17 @@ def _run_cell(cell: Cell, cell_dir: Path, store: Path, quiet: bool) -> dict[str,
 
 
 def run_bench(path: Path, out: Optional[Path] = None, quiet: bool = False,
-              echo: Any = print) -> dict[str, Any]:
-    """Run (or continue) a bench and write its tables; returns the aggregate."""
+              echo: Any = print, store: Optional[Path] = None) -> dict[str, Any]:
+    """Run (or continue) a bench and write its tables; returns the aggregate.
+
+    ``store`` (default ``OUT/store``) may be shared by several benches, so that e.g. the
+    baseline classifiers of one bench serve another.
+    """
     spec = load_bench(path)
     cells = expand(spec)
     out = Path(out or Path("runs") / f"bench-{spec['name']}")
     (out / "cells").mkdir(parents=True, exist_ok=True)
-    store = out / "store"
+    store = Path(store) if store is not None else out / "store"
     io.write_yaml(out / "bench.yaml", spec)
     records = []
     for number, cell in enumerate(cells, 1):

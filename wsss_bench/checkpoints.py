@@ -38,8 +38,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for truncated or foreign files
-        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        raise WeightsError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
+        raise WeightsError(f"{path}: {describe_load_error(exc)}") from None
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         state, meta = obj.get("state_dict"), obj.get("meta") or {}
         expected = meta.get("sha256")
@@ -52,6 +51,25 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"{path}: expected a state dict of tensors")
     return {"state_dict": state, "meta": meta}
+
+
+def describe_load_error(exc: Exception) -> str:
+    """One line for a failed ``torch.load``; a refused pickled object is named, never loaded."""
+    import re
+
+    text = str(exc)
+    refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if refused is not None:
+        return (f"contains a pickled object of class {refused.group(1)}, which is refused: "
+                "checkpoints are loaded with weights_only=True and never unpickle code")
+    if "Unsupported operand" in text or "invalid load key" in text:
+        return "not a PyTorch checkpoint (unrecognised bytes)"
+    if "central directory" in text or "corrupted" in text:
+        return "truncated or corrupted PyTorch checkpoint (incomplete zip archive)"
+    if "Weights only load failed" in text:
+        return "contains pickled objects other than tensors, which are refused (weights_only=True)"
+    first = next((line for line in text.splitlines() if line.strip()), type(exc).__name__)
+    return f"not a readable PyTorch checkpoint ({first[:200]})"
 
 
 def to_internal_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

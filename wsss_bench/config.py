@@ -166,8 +166,25 @@ def _parse_yaml(text: str, source: str) -> dict[str, Any]:
     return data
 
 
+def packaged_path(path: Path) -> Path:
+    """``path`` itself, or the shipped copy when it names a file of ``configs/`` that is not on
+    disk (a non-editable install has no repository checkout): ``configs/bench/methods.yaml``."""
+    path = Path(path)
+    if path.exists():
+        return path
+    parts = path.parts[1:] if path.parts and path.parts[0] == "configs" else path.parts
+    try:
+        candidate = resources.files("wsss_bench_configs").joinpath(*parts)
+        if parts and candidate.is_file():
+            return Path(str(candidate))
+    except (ModuleNotFoundError, TypeError):
+        pass
+    return path
+
+
 def read_yaml_file(path: Path) -> dict[str, Any]:
     """Read a user YAML file into a dict, with one-line errors."""
+    path = packaged_path(path)
     try:
         text = Path(path).read_text()
     except FileNotFoundError:

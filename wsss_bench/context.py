@@ -29,6 +29,7 @@ from .engine.model import PARENT, Classifier
 from .engine.train import train_classifier
 from .errors import ConfigError, WeightsError
 from .evaluation.evaluate import EvalResult, evaluate_cams
+from .evaluation.thresholds import compare_policies, plot_curves, save_curve
 from .manifest import Manifest
 
 log = logging.getLogger("wsss_bench")
@@ -251,8 +252,6 @@ class MethodContext:
         cfg = self.config.eval
         if cfg.policies == ["fixed"] or not rows:
             return
-        from .evaluation.thresholds import compare_policies, plot_curves, save_curve
-
         cam_dirs = {r["split"]: self.run_dir / r["cams"] for r in rows}
         for r in rows:
             split = r["split"]

@@ -86,7 +86,8 @@ def prepare_run_dir(path: Path, resume: bool) -> Path:
 def validate_plugins(config: RunConfig) -> None:
     """Resolve every named plugin and check its options; build the backbone on the meta device
     (no memory, no compute) so that bad variants such as ``timm:resnet1888`` fail early."""
-    registry("method").get(config.method.name).validate_options(dict(config.method.options))
+    # Building the method object is cheap and lets it check what it names (e.g. a clusterer).
+    registry("method").create(config.method.name, **config.method.options)
     if config.dataset.name is not None:
         registry("dataset").get(config.dataset.name).validate_options(dict(config.dataset.options))
     with torch.device("meta"):

@@ -11,7 +11,9 @@ import click
 @click.argument("bench_file", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), help="Bench folder (default runs/bench-<name>).")
 @click.option("--dry-run", is_flag=True, help="List the cells and validate their configs only.")
-def bench_command(bench_file: Path, out: Optional[Path], dry_run: bool) -> None:
+@click.option("--cache-dir", type=click.Path(path_type=Path),
+              help="Stage cache shared with other benches/runs (default OUT/store).")
+def bench_command(bench_file: Path, out: Optional[Path], dry_run: bool, cache_dir: Optional[Path]) -> None:
     """Run every cell of a bench matrix (skipping finished ones) and aggregate over seeds."""
     from ..bench import expand, load_bench, run_bench
 
@@ -19,7 +21,7 @@ def bench_command(bench_file: Path, out: Optional[Path], dry_run: bool) -> None:
         for cell in expand(load_bench(bench_file)):
             click.echo(cell.slug)
         return
-    summary = run_bench(bench_file, out, echo=lambda m: click.echo(m, err=True))
+    summary = run_bench(bench_file, out, echo=lambda m: click.echo(m, err=True), store=cache_dir)
     click.echo(summary["markdown"])
     click.echo(f"bench folder: {summary['out']}")
 

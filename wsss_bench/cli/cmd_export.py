@@ -23,8 +23,8 @@ from PIL import Image, UnidentifiedImageError
 
 from .. import io
 from ..data.voc import IGNORE_INDEX, VOCDataset
-from ..errors import CamFileError, ConfigError, DataError
-from ..evaluation.camfiles import read_cam
+from ..errors import ConfigError, DataError
+from ..evaluation.camfiles import check_cam_dir, read_cam
 from ..evaluation.miou import cams_to_labels
 from ..progress import progress_bar
 
@@ -120,12 +120,7 @@ def export_masks(cam_dir: Path, dataset: VOCDataset, out_dir: Path,
     band = _check_band(band)
     if not (0.0 <= float(threshold) <= 1.0):
         raise ConfigError(f"threshold must lie in [0, 1], got {threshold}")
-    if not cam_dir.is_dir():
-        raise CamFileError(f"{cam_dir}: CAM folder not found")
-    missing = [i for i in dataset.ids if not (cam_dir / f"{i}.npz").is_file()]
-    if missing:
-        raise CamFileError(f"{cam_dir}: no CAM file for {len(missing)} of {len(dataset.ids)} images "
-                           f"of split {dataset.split!r} (first: {missing[0]}.npz); nothing exported")
+    check_cam_dir(cam_dir, dataset.ids, dataset.split)  # before anything is written
     if dataset.num_classes >= IGNORE_INDEX:
         raise ConfigError(f"{dataset.num_classes} classes do not fit a palette PNG with 255 = ignore")
     dev = torch.device(device)

@@ -25,6 +25,10 @@ class WsssGroup(click.Group):
             return super().invoke(ctx)
         except UserError as exc:
             raise UserFacingError(str(exc)) from None
+        except click.UsageError as exc:
+            # A bad option value of a sub-command: one line, like every other user error.
+            command = f"{exc.ctx.command_path}: " if exc.ctx is not None else ""
+            raise UserFacingError(f"{command}{exc.format_message()}") from None
 
 
 def setup_logging(quiet: bool = False) -> None:

@@ -202,6 +202,17 @@ class VOCDataset:
         """The RGB image."""
         return open_image(self.image_path(image_id))
 
+    def image_size(self, image_id: str) -> tuple[int, int]:
+        """(W, H) of the image, read from its header only."""
+        path = self.image_path(image_id)
+        try:
+            with Image.open(path) as img:
+                return img.size
+        except FileNotFoundError:
+            raise DataError(f"{path}: image listed in the split but missing") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            raise DataError(f"{path}: corrupt or unreadable image ({exc})") from None
+
     def load_mask(self, image_id: str, size: Optional[tuple[int, int]] = None) -> np.ndarray:
         """The mask as uint8 ``[H, W]``; ``size`` (W, H) is checked when given."""
         path = self.mask_path(image_id)

@@ -32,7 +32,8 @@ def read_cam(path: Path, num_classes: Optional[int] = None,
     if not path.is_file():
         raise CamFileError(f"{path}: CAM file missing")
     try:
-        with np.load(path, allow_pickle=False) as data:
+        # Our own handle: np.load leaks the one it opens when the zip directory is corrupt.
+        with open(path, "rb") as handle, np.load(handle, allow_pickle=False) as data:
             names = set(data.files)
             if not {"keys", "cams"} <= names:
                 raise CamFileError(f"{path}: expected arrays 'keys' and 'cams', found {sorted(names)}")
@@ -64,3 +65,14 @@ def read_cam(path: Path, num_classes: Optional[int] = None,
             raise CamFileError(f"{path}: maps must be normalised to [0, 1], found "
                                f"[{cams.min():.3g}, {cams.max():.3g}]")
     return keys.astype(np.int64), cams
+
+
+def check_cam_dir(cam_dir: Path, ids: list[str], split: str) -> None:
+    """Fail before any work unless ``cam_dir`` holds a CAM file for every id of ``split``."""
+    cam_dir = Path(cam_dir)
+    if not cam_dir.is_dir():
+        raise CamFileError(f"{cam_dir}: CAM folder not found")
+    missing = [i for i in ids if not (cam_dir / f"{i}.npz").is_file()]
+    if missing:
+        raise CamFileError(f"{cam_dir}: no CAM file for {len(missing)} of {len(ids)} images "
+                           f"of split {split!r} (first: {missing[0]}.npz)")

@@ -1,7 +1,6 @@
 """Score a folder of CAM files against a split's ground-truth masks."""
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -10,9 +9,9 @@ import numpy as np
 import torch
 
 from ..data.voc import VOCDataset, open_split
-from ..errors import CamFileError, DataError
+from ..errors import DataError
 from ..progress import progress_bar
-from .camfiles import read_cam
+from .camfiles import check_cam_dir, read_cam
 from .miou import ConfusionAccumulator, cams_to_labels, class_table, scores_from_confusion
 
 
@@ -42,15 +41,10 @@ def evaluate_cams(cam_dir: Path, dataset: VOCDataset, threshold: float = 0.15,
                   stage: str = "cam") -> EvalResult:
     """Accumulate the confusion of every image of ``dataset`` whose CAM is in ``cam_dir``."""
     cam_dir = Path(cam_dir)
-    if not cam_dir.is_dir():
-        raise CamFileError(f"{cam_dir}: CAM folder not found")
-    missing = [i for i in dataset.ids if not (cam_dir / f"{i}.npz").is_file()]
-    if missing:
-        raise CamFileError(f"{cam_dir}: no CAM file for {len(missing)} of {len(dataset.ids)} images "
-                           f"of split {dataset.split!r} (first: {missing[0]}.npz)")
+    check_cam_dir(cam_dir, dataset.ids, dataset.split)
     acc = ConfusionAccumulator(dataset.num_classes, device)
     for image_id in progress_bar(dataset.ids, f"eval {dataset.split}", show_progress):
-        mask = dataset.load_mask(image_id)
+        mask = dataset.load_mask(image_id, dataset.image_size(image_id))
         keys, cams = read_cam(cam_dir / f"{image_id}.npz", dataset.num_classes, mask.shape)
         pred = cams_to_labels(keys, torch.from_numpy(cams).to(acc.device), threshold)
         acc.update(pred, torch.from_numpy(mask))

@@ -34,9 +34,9 @@ import torch
 
 from .. import io
 from ..data.voc import IGNORE_INDEX, VOCDataset
-from ..errors import CamFileError, ConfigError, UserError
+from ..errors import ConfigError, UserError
 from ..progress import progress_bar
-from .camfiles import read_cam
+from .camfiles import check_cam_dir, read_cam
 from .evaluate import EvalResult
 from .miou import class_table, scores_from_confusion
 
@@ -70,14 +70,8 @@ DEFAULT_GRID: tuple[float, ...] = tuple(threshold_grid())
 # --------------------------------------------------------------------------------------------
 
 def _check_cam_dir(cam_dir: Path, dataset: VOCDataset) -> None:
-    # Same checks and wording as evaluate_cams, so both entry points fail identically and
-    # before any work is done.
-    if not cam_dir.is_dir():
-        raise CamFileError(f"{cam_dir}: CAM folder not found")
-    missing = [i for i in dataset.ids if not (cam_dir / f"{i}.npz").is_file()]
-    if missing:
-        raise CamFileError(f"{cam_dir}: no CAM file for {len(missing)} of {len(dataset.ids)} images "
-                           f"of split {dataset.split!r} (first: {missing[0]}.npz)")
+    # The same check as evaluate_cams, so both entry points fail identically, before any work.
+    check_cam_dir(cam_dir, dataset.ids, dataset.split)
 
 
 def _best_and_label(keys: np.ndarray, cams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
