@@ -47,7 +47,8 @@ def test_unknown_bench_key(tmp_path: Path) -> None:
 
 
 def test_bench_runs_shares_and_skips(tmp_path: Path, tiny_voc: Path) -> None:
-    path = bench_file(tmp_path, tiny_voc, "  method.name: [cam, subcat]\n  seed: [0, 1]\n")
+    path = bench_file(tmp_path, tiny_voc, "  method: [{name: cam}, {name: subcat, options: {rounds: 1, k: 2}}]\n"
+                      "  seed: [0, 1]\n")
     out = tmp_path / "out"
     runner = CliRunner()
     result = runner.invoke(cli, ["bench", str(path), "--out", str(out)])
@@ -55,7 +56,7 @@ def test_bench_runs_shares_and_skips(tmp_path: Path, tiny_voc: Path) -> None:
     for name in ("bench.md", "bench.csv", "bench.json", "bench.tex"):
         assert (out / name).is_file()
     data = json.loads((out / "bench.json").read_text())
-    final_cam = [r for r in data["rows"] if r["group"] == {"method.name": "cam"} and r["split"] == "val"]
+    final_cam = [r for r in data["rows"] if r["group"] == {"method": {"name": "cam"}} and r["split"] == "val"]
     assert final_cam and final_cam[0]["n"] == 2 and len(final_cam[0]["mious"]) == 2
     # the subcat cells reuse the round-0 classifier of the cam cells with the same seed
     manifest = json.loads((out / "cells/method-subcat__seed-0/manifest.json").read_text())

@@ -116,8 +116,11 @@ def _run_cell(cell: Cell, cell_dir: Path, store: Path, quiet: bool) -> dict[str,
 
 
 def run_bench(path: Path, out: Optional[Path] = None, quiet: bool = False,
-              echo: Any = print, store: Optional[Path] = None) -> dict[str, Any]:
+              echo: Any = print, store: Optional[Path] = None,
+              tables_only: bool = False) -> dict[str, Any]:
     """Run (or continue) a bench and write its tables; returns the aggregate.
+
+    ``tables_only`` runs nothing: it aggregates the cells finished so far.
 
     ``store`` (default ``OUT/store``) may be shared by several benches, so that e.g. the
     baseline classifiers of one bench serve another.
@@ -135,6 +138,9 @@ def run_bench(path: Path, out: Optional[Path] = None, quiet: bool = False,
         meta_file = cell_dir / "cell.json"
         done = results_file.is_file() and meta_file.is_file() and \
             json.loads(meta_file.read_text()).get("config") == cell.config
+        if not done and tables_only:
+            echo(f"[{number}/{len(cells)}] {cell.slug}: not finished, left out of the tables")
+            continue
         if not done:
             cell_dir.mkdir(parents=True, exist_ok=True)
             echo(f"[{number}/{len(cells)}] {cell.slug}")

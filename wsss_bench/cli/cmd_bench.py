@@ -13,7 +13,9 @@ import click
 @click.option("--dry-run", is_flag=True, help="List the cells and validate their configs only.")
 @click.option("--cache-dir", type=click.Path(path_type=Path),
               help="Stage cache shared with other benches/runs (default OUT/store).")
-def bench_command(bench_file: Path, out: Optional[Path], dry_run: bool, cache_dir: Optional[Path]) -> None:
+@click.option("--tables-only", is_flag=True, help="Run nothing; aggregate the cells finished so far.")
+def bench_command(bench_file: Path, out: Optional[Path], dry_run: bool, cache_dir: Optional[Path],
+                  tables_only: bool) -> None:
     """Run every cell of a bench matrix (skipping finished ones) and aggregate over seeds."""
     from ..bench import expand, load_bench, run_bench
 
@@ -21,7 +23,8 @@ def bench_command(bench_file: Path, out: Optional[Path], dry_run: bool, cache_di
         for cell in expand(load_bench(bench_file)):
             click.echo(cell.slug)
         return
-    summary = run_bench(bench_file, out, echo=lambda m: click.echo(m, err=True), store=cache_dir)
+    summary = run_bench(bench_file, out, echo=lambda m: click.echo(m, err=True), store=cache_dir,
+                        tables_only=tables_only)
     click.echo(summary["markdown"])
     click.echo(f"bench folder: {summary['out']}")
 
