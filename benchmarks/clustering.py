@@ -17,15 +17,19 @@ Usage::
     python benchmarks/clustering.py                # full size, every clusterer (minutes)
     python benchmarks/clustering.py --only kmeans torch-kmeans
 """
+
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -66,7 +70,9 @@ def collect_clusterers() -> dict[str, tuple[Callable[..., Any], Any, str]]:
     """``{name: (factory, options_model, help)}`` from each module's ``register_clusterers``."""
     found: dict[str, tuple[Callable[..., Any], Any, str]] = {}
 
-    def register(name: str, factory: Callable[..., Any], help: str = "", options: Any = None) -> None:
+    def register(
+        name: str, factory: Callable[..., Any], help: str = "", options: Any = None
+    ) -> None:
         if name in found:
             raise RuntimeError(f"clusterer {name!r} registered twice")
         found[name] = (factory, options, help)
@@ -122,6 +128,9 @@ def thread_report() -> str:
 
 def run_benchmark(args: argparse.Namespace) -> int:
     """Generate the data, run the selected clusterers and print the table."""
+    # Spectral clustering warns for every class whose k-NN graph is disconnected, which the
+    # synthetic sub-categories often are; it would bury the table.
+    warnings.filterwarnings("ignore", message="Graph is not fully connected")
     clusterers = collect_clusterers()
     names = list(args.only) if args.only else list(clusterers)
     unknown = [name for name in names if name not in clusterers]
@@ -135,12 +144,17 @@ def run_benchmark(args: argparse.Namespace) -> int:
         names.remove(REFERENCE)
         names.insert(0, REFERENCE)
 
-    sizes = {c: max(args.k + 1, int(round(n * args.row_fraction))) for c, n in VOC_CLASS_SIZES.items()}
+    sizes = {c: max(args.k + 1, round(n * args.row_fraction)) for c, n in VOC_CLASS_SIZES.items()}
     t0 = time.perf_counter()
-    data = {c: make_class_features(n, args.dim, i, args.seed) for i, (c, n) in enumerate(sizes.items())}
-    print(f"data: {sum(sizes.values())} rows x {args.dim} dims over {len(sizes)} classes, "
-          f"K={args.k}, seed={args.seed} (generated in {time.perf_counter() - t0:.1f} s)")
+    data = {
+        c: make_class_features(n, args.dim, i, args.seed) for i, (c, n) in enumerate(sizes.items())
+    }
+    print(
+        f"data: {sum(sizes.values())} rows x {args.dim} dims over {len(sizes)} classes, "
+        f"K={args.k}, seed={args.seed} (generated in {time.perf_counter() - t0:.1f} s)"
+    )
     print(f"threads: {thread_report()}")
+    print(f"load average at start: {_load_average()}")
     print()
 
     runs: dict[str, Any] = {name: clusterers[name][0]() for name in names}
@@ -173,7 +187,10 @@ def run_benchmark(args: argparse.Namespace) -> int:
         if args.verbose:
             print(f"  {cls:<12} n={len(features):<5} " + ", ".join(line), flush=True)
 
-    header = f"{'clusterer':<18} {'time (s)':>9} {'speed-up':>9} {'inertia/kmeans':>15} {'worst class':>12}  notes"
+    header = (
+        f"{'clusterer':<18} {'time (s)':>9} {'speed-up':>9} {'inertia/kmeans':>15}"
+        f" {'worst class':>12}  notes"
+    )
     print(header)
     print("-" * len(header))
     reference = inertia.get(REFERENCE)
@@ -186,7 +203,16 @@ def run_benchmark(args: argparse.Namespace) -> int:
             ratio = worst = speed_up = "n/a"
         notes = f"mean n_iter {np.mean(n_iter[name]):.1f}" if n_iter[name] else ""
         print(f"{name:<18} {seconds[name]:>9.2f} {speed_up:>9} {ratio:>15} {worst:>12}  {notes}")
+    # Other processes inflate the times (OpenMP code by several times on 2 busy cores): say so.
+    print(f"load average at end: {_load_average()}")
     return 0
+
+
+def _load_average() -> str:
+    try:
+        return " ".join(f"{value:.2f}" for value in os.getloadavg()) + f" on {os.cpu_count()} CPUs"
+    except OSError:  # pragma: no cover - not available on every platform
+        return "unknown"
 
 
 class _RawSklearnKMeans:
@@ -201,7 +227,9 @@ class _RawSklearnKMeans:
         from sklearn.cluster import KMeans
 
         x = np.ascontiguousarray(features, dtype=self.dtype)
-        model = KMeans(n_clusters=min(k, len(x)), n_init=10, max_iter=300, tol=1e-4, random_state=seed)
+        model = KMeans(
+            n_clusters=min(k, len(x)), n_init=10, max_iter=300, tol=1e-4, random_state=seed
+        )
         labels = model.fit_predict(x)
         self.last_stats = {"inertia": self.score(x, labels), "n_iter": int(model.n_iter_)}
         return labels
@@ -210,21 +238,40 @@ class _RawSklearnKMeans:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="10%% of the rows, 512 dims, skip the slow (N^2) clusterers")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="10%% of the rows, 512 dims, skip the slow (N^2) clusterers",
+    )
     parser.add_argument("--dim", type=int, default=None, help="feature dimension (default 4096)")
-    parser.add_argument("--row-fraction", type=float, default=None,
-                        help="fraction of each class's rows to generate (default 1.0)")
+    parser.add_argument(
+        "--row-fraction",
+        type=float,
+        default=None,
+        help="fraction of each class's rows to generate (default 1.0)",
+    )
     parser.add_argument("--k", type=int, default=10, help="clusters per class (default 10)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--only", nargs="+", default=None, metavar="NAME",
-                        help="run only these clusterers (slow ones included even with --quick)")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="run only these clusterers (slow ones included even with --quick)",
+    )
     parser.add_argument("--skip", nargs="+", default=[], metavar="NAME")
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="time each (class, clusterer) run this many times and keep the fastest")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="time each (class, clusterer) run this many times and keep the fastest",
+    )
     parser.add_argument("--verbose", "-v", action="store_true", help="print per-class times")
-    parser.add_argument("--with-f32-baseline", action="store_true",
-                        help="also time sklearn KMeans on float32 input (not a registered clusterer)")
+    parser.add_argument(
+        "--with-f32-baseline",
+        action="store_true",
+        help="also time sklearn KMeans on float32 input (not a registered clusterer)",
+    )
     args = parser.parse_args(argv)
     if args.dim is None:
         args.dim = 512 if args.quick else 4096

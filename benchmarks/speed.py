@@ -130,13 +130,14 @@ def _miou(maps: list[np.ndarray], gts: list[np.ndarray], keys: list[int]) -> flo
 
 
 def peak_memory_child(name: str, options: dict[str, Any], size: tuple[int, int]) -> float:
-    """Peak RSS (MB) of a fresh process that runs one multi-scale CAM inference."""
+    """Peak RSS (MB) a fresh process gains while running one multi-scale CAM inference: the
+    high-water mark minus the resident size just before (model and libraries loaded)."""
     code = (
         "import resource, torch, json, sys;"
         "sys.path.insert(0, %r);" % str(Path(__file__).parent) +
         "import speed;"
         "m = speed.make_model(%r, %s);" % (name, json.dumps(options)) +
-        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
+        "import os; base = int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE') // 1024;"
         "from wsss_bench.engine.cams import image_cams;"
         "image_cams(m, speed.random_image(%d, %d), [0, 1, 2], speed.SCALES, True, torch.device('cpu'));" % size +
         "print(json.dumps([base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss]))"

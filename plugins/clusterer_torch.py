@@ -25,10 +25,11 @@ On CPU the labels are reproducible for a given seed (on the same machine and thr
 CUDA run uses the same algorithm but its own random stream and rounding, so it may pick a
 different (equally good) partition.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -39,7 +40,7 @@ from wsss_bench.hookspecs import hookimpl
 
 from .clusterers_sklearn import BaseClusterer, ClustererOptions
 
-__all__ = ["TorchKMeansOptions", "TorchKMeans", "resolve_device", "register_clusterers"]
+__all__ = ["TorchKMeans", "TorchKMeansOptions", "register_clusterers", "resolve_device"]
 
 
 class TorchKMeansOptions(ClustererOptions):
@@ -48,9 +49,11 @@ class TorchKMeansOptions(ClustererOptions):
     n_init: int = Field(10, ge=1, le=1000, description="independent k-means++ restarts")
     max_iter: int = Field(300, ge=1, le=100_000, description="Lloyd iterations per restart")
     tol: float = Field(1e-4, ge=0.0, le=1.0, description="centre-shift tolerance (x mean var)")
-    device: str = Field("auto", description="'auto' (CUDA when available, else CPU) or a torch device")
+    device: str = Field(
+        "auto", description="'auto' (CUDA when available, else CPU) or a torch device"
+    )
     dtype: Literal["float32", "float64"] = "float32"
-    n_local_trials: Optional[int] = Field(
+    n_local_trials: int | None = Field(
         None, ge=1, le=1000, description="k-means++ candidates per centre (None: 2 + ln k)"
     )
 
@@ -203,7 +206,7 @@ def _lloyd(
     centres = centres.clone()
     n_iter = torch.zeros(n_restarts, dtype=torch.long)
     active = torch.arange(n_restarts, device=device)
-    previous: Optional[torch.Tensor] = None  # labels (A, N) the sums below correspond to
+    previous: torch.Tensor | None = None  # labels (A, N) the sums below correspond to
     sums = torch.empty((0, dim), dtype=data.dtype, device=device)
     counts = torch.empty(0, dtype=data.dtype, device=device)
 

@@ -30,6 +30,7 @@ algorithm only implements :meth:`BaseClusterer._cluster`:
 scikit-learn is imported lazily inside each clusterer: plugin modules are imported whenever the
 ``wsss`` command starts, and ``sklearn.cluster`` alone costs about a second to import.
 """
+
 from __future__ import annotations
 
 from typing import Any, Literal
@@ -41,21 +42,21 @@ from wsss_bench.errors import ConfigError, DataError
 from wsss_bench.hookspecs import hookimpl
 
 __all__ = [
+    "AgglomerativeOptions",
     "BaseClusterer",
     "ClustererOptions",
+    "GMMOptions",
     "KMeansOptions",
     "MiniBatchKMeansOptions",
-    "GMMOptions",
-    "AgglomerativeOptions",
-    "SpectralOptions",
+    "SklearnAgglomerative",
+    "SklearnGMM",
     "SklearnKMeans",
     "SklearnMiniBatchKMeans",
-    "SklearnGMM",
-    "SklearnAgglomerative",
     "SklearnSpectral",
+    "SpectralOptions",
+    "register_clusterers",
     "validate_features",
     "within_cluster_ss",
-    "register_clusterers",
 ]
 
 # numpy's legacy RandomState, which scikit-learn builds from an int seed, only accepts seeds
@@ -131,7 +132,8 @@ def within_cluster_ss(features: np.ndarray, labels: np.ndarray) -> float:
     sums = np.zeros((n_clusters, shift.shape[0]), dtype=np.float64)
     total_sq = 0.0
     for start in range(0, n_rows, block):
-        rows = np.array(features[start : start + block], dtype=np.float64)  # a copy: shifted in place
+        # np.array copies, so the shift can be applied in place.
+        rows = np.array(features[start : start + block], dtype=np.float64)
         rows -= shift
         flat = rows.reshape(-1)
         total_sq += float(flat @ flat)
@@ -271,7 +273,7 @@ class AgglomerativeOptions(ClustererOptions):
     metric: Literal["euclidean", "l1", "manhattan", "cosine"] = "euclidean"
 
     @model_validator(mode="after")
-    def _ward_is_euclidean(self) -> "AgglomerativeOptions":
+    def _ward_is_euclidean(self) -> AgglomerativeOptions:
         if self.linkage == "ward" and self.metric != "euclidean":
             raise ValueError("linkage='ward' only works with metric='euclidean'")
         return self

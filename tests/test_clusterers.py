@@ -4,16 +4,18 @@ The clusterers are collected by calling each plugin module's ``register_clustere
 recording ``register`` function, so a clusterer added to those modules is covered by the
 conformance tests without touching this file.
 """
+
 from __future__ import annotations
 
 import importlib
 import importlib.util
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -29,7 +31,9 @@ PLUGIN_MODULES = ("clusterers_sklearn", "clusterer_torch")
 # neighbour graph; duplicate rows give fewer distinct points than clusters).
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Graph is not fully connected:UserWarning"),
-    pytest.mark.filterwarnings("ignore:Number of distinct clusters:sklearn.exceptions.ConvergenceWarning"),
+    pytest.mark.filterwarnings(
+        "ignore:Number of distinct clusters:sklearn.exceptions.ConvergenceWarning"
+    ),
 ]
 
 
@@ -56,7 +60,9 @@ class Registered:
 def _collect() -> dict[str, Registered]:
     found: dict[str, Registered] = {}
 
-    def register(name: str, factory: Callable[..., Any], help: str = "", options: Any = None) -> None:
+    def register(
+        name: str, factory: Callable[..., Any], help: str = "", options: Any = None
+    ) -> None:
         assert name not in found, f"clusterer {name!r} registered twice"
         found[name] = Registered(name, factory, help, options)
 
@@ -104,9 +110,14 @@ def overlapping_blobs(n: int, dim: int, n_centres: int, seed: int) -> np.ndarray
 
 
 def test_expected_clusterers_registered() -> None:
-    assert {"kmeans", "minibatch-kmeans", "gmm", "agglomerative", "spectral", "torch-kmeans"} <= set(
-        NAMES
-    )
+    assert {
+        "kmeans",
+        "minibatch-kmeans",
+        "gmm",
+        "agglomerative",
+        "spectral",
+        "torch-kmeans",
+    } <= set(NAMES)
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,7 +260,12 @@ def test_within_cluster_ss_matches_direct_computation() -> None:
 
 def test_kmeans_defaults_match_sc_cam() -> None:
     options = SKLEARN.KMeansOptions()
-    assert (options.n_init, options.max_iter, options.tol, options.init) == (10, 300, 1e-4, "k-means++")
+    assert (options.n_init, options.max_iter, options.tol, options.init) == (
+        10,
+        300,
+        1e-4,
+        "k-means++",
+    )
 
 
 @pytest.mark.parametrize(
