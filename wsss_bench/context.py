@@ -61,6 +61,13 @@ class MethodContext:
     #: Content-addressed store shared between runs (``wsss bench`` cells, ``--cache-dir``):
     #: a stage whose inputs hash to a stored key is linked in instead of recomputed.
     store: Optional[Path] = None
+    #: Stage names or prefixes to recompute even when cached (``--force train:round1``,
+    #: ``--force cams``).
+    force: tuple[str, ...] = ()
+
+    def forced(self, stage: str) -> bool:
+        """Whether ``stage`` (e.g. ``train:round1``) must be recomputed."""
+        return any(stage == f or stage.startswith(f + ":") for f in self.force)
 
     def _stored(self, kind: str, key: str, suffix: str = "") -> Optional[Path]:
         return self.store / kind / f"{key}{suffix}" if self.store is not None else None
@@ -149,11 +156,12 @@ class MethodContext:
                       "init": checkpoints.state_digest(model)})
         path = self.checkpoint_path(tag)
         stored = self._stored("checkpoints", key, ".pth")
-        if stored is not None and stored.is_file() and not path.is_file():
+        forced = self.forced(f"train:{tag}")
+        if stored is not None and stored.is_file() and not path.is_file() and not forced:
             link_file(stored, path)
         started = time.perf_counter()
         inputs = {"digest": key, "images": len(self.train_set.ids), "heads": model.describe()}
-        if path.is_file():
+        if path.is_file() and not forced:
             found = checkpoints.read_checkpoint(path)
             if found["meta"].get("input_digest") == key:
                 self.info(f"{tag}: reusing {path}")
@@ -161,6 +169,8 @@ class MethodContext:
                 self.record(f"train:{tag}", inputs, [path], started, reused=True)
                 return path
         state_file = path.with_suffix(".state.pth")
+        if forced:
+            state_file.unlink(missing_ok=True)  # our own resume file: start the stage afresh
         train_log = train_classifier(model, self.train_set, cfg, self.device, self.config.seed + seed_offset,
                                      extra_targets, loss_weights, self.show_progress, tag,
                                      state_file=state_file, state_key=key)
@@ -183,7 +193,7 @@ class MethodContext:
                       "root": str(self.train_set.root)})
         path = self.run_dir / "features" / f"{tag}.npy"
         stored = self._stored("features", key, ".npy")
-        if stored is not None and stored.is_file():
+        if stored is not None and stored.is_file() and not self.forced(f"features:{tag}"):
             link_file(stored, path)
             self.record(f"features:{tag}", {"key": key}, [path], started, reused=True)
             return np.load(path, allow_pickle=False)
@@ -213,7 +223,7 @@ class MethodContext:
         names it in the protocol and the output folder.
         """
         stage = stage or ("cam" if head == PARENT else f"cam-{head}")
-        model_key = checkpoints.state_digest(model) if self.store is not None else None
+        model_key = checkpoints.state_digest(model)
         rows = []
         for split, dataset in self.eval_sets.items():
             folder = tag if stage == "cam" else f"{tag}-{stage}"
@@ -223,14 +233,23 @@ class MethodContext:
                       "precision": self.config.cams.precision,
                       "flip": self.config.cams.flip, "head": head, "ids": digest(dataset.ids),
                       "root": str(dataset.root)}
-            stored = self._stored("cams", digest(inputs))
-            reused = stored is not None and (stored / "complete").is_file()
+            key = digest(inputs)
+            stored = self._stored("cams", key)
+            forced = self.forced(f"cams:{folder}:{split}")
+            marker = out / ".inputs"
+            if forced or not marker.is_file() or marker.read_text() != key:
+                # CAMs of other inputs (another model or setting) are stale: our own files in our
+                # own run folder, removed before the marker says the folder holds this key.
+                for old in out.glob("*.npz"):
+                    old.unlink()
+                io.write_text(marker, key)
+            reused = stored is not None and (stored / "complete").is_file() and not forced
             if reused:
                 link_tree(stored, out)
             else:
-                infer_split(model, dataset, out, self.config.cams.scales, self.config.cams.flip,
-                            self.device, head, self.show_progress, cam_fn=cam_fn,
-                            precision=self.config.cams.precision)
+                reused = infer_split(model, dataset, out, self.config.cams.scales, self.config.cams.flip,
+                                     self.device, head, self.show_progress, cam_fn=cam_fn,
+                                     precision=self.config.cams.precision) == 0
                 if stored is not None:
                     link_tree(out, stored)
                     io.write_text(stored / "complete", "")

@@ -96,7 +96,7 @@ def validate_plugins(config: RunConfig) -> None:
 
 def make_context(config: RunConfig, run_dir: Path, resume: bool = False,
                  eval_splits: Optional[list[str]] = None, require_masks: bool = True,
-                 store: Optional[Path] = None) -> MethodContext:
+                 store: Optional[Path] = None, force: tuple[str, ...] = ()) -> MethodContext:
     """Validate plugins, pick the device, seed, open the data and the run directory."""
     validate_plugins(config)
     # Denormal floats (weights decayed towards zero, tiny activations) slow CPU kernels down by
@@ -115,11 +115,12 @@ def make_context(config: RunConfig, run_dir: Path, resume: bool = False,
     manifest = Manifest(run_dir, config, device, {"train": train_set, **{f"eval:{k}": v for k, v in eval_sets.items()}})
     manifest.save()
     return MethodContext(config, run_dir, device, train_set, eval_sets, not config.quiet,
-                         manifest=manifest, store=Path(store) if store is not None else None)
+                         manifest=manifest, store=Path(store) if store is not None else None,
+                         force=tuple(force))
 
 
 def run(config: RunConfig, out_dir: Optional[Path] = None, resume: bool = False,
-        store: Optional[Path] = None) -> dict[str, Any]:
+        store: Optional[Path] = None, force: tuple[str, ...] = ()) -> dict[str, Any]:
     """Run the configured method end to end; returns the content of ``results.json``.
 
     ``store`` is a content-addressed cache folder shared between runs: stages whose inputs
@@ -129,7 +130,7 @@ def run(config: RunConfig, out_dir: Optional[Path] = None, resume: bool = False,
     method = registry("method").get(config.method.name)
     method_options = method.validate_options(config.method.options)
     ctx = make_context(config, Path(out_dir) if out_dir else default_run_dir(config), resume,
-                       store=store)
+                       store=store, force=force)
     run_dir, device, eval_sets = ctx.run_dir, ctx.device, ctx.eval_sets
     io.write_yaml(run_dir / "config.yaml", config.to_dict())
     log.info("run %s: method %s, backbone %s, %d training images, device %s", run_dir,

@@ -16,8 +16,10 @@ from .options import config_options, resolve_config
 @click.option("--dry-run", is_flag=True, help="Resolve and validate the config, print it, run nothing.")
 @click.option("--cache-dir", type=click.Path(path_type=Path),
               help="Content-addressed stage cache shared between runs: unchanged stages are reused.")
+@click.option("--force", "force", multiple=True, metavar="STAGE",
+              help="Recompute a cached stage: train:round1, features, cams:round0:val, or a prefix (repeatable).")
 def run_command(out: Optional[Path], resume: bool, dry_run: bool, cache_dir: Optional[Path],
-                **flags: Any) -> None:
+                force: tuple[str, ...], **flags: Any) -> None:
     """Run a CAM method end to end and print its mIoU table."""
     config = resolve_config(**flags)
     if dry_run:
@@ -32,7 +34,7 @@ def run_command(out: Optional[Path], resume: bool, dry_run: bool, cache_dir: Opt
         return
     from ..runner import run
 
-    results = run(config, out, resume, store=cache_dir)
+    results = run(config, out, resume, store=cache_dir, force=force)
     click.echo((Path(results["run_dir"]) / "results.md").read_text())
     click.echo(f"run directory: {results['run_dir']}")
 
