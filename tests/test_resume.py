@@ -102,13 +102,18 @@ def test_sigkill_then_resume_matches_uninterrupted(point: str, reference: tuple[
     assert not [p for p in out.rglob(".*") if p.name.endswith((".tmp", ".link"))], "stale temporary files"
 
 
-def test_rerun_recomputes_nothing_and_force_recomputes_one_stage(reference: tuple[Path, Path]) -> None:
-    root, run = reference
+def resume_stages(root: Path, out: Path, *extra: str) -> dict[str, bool]:
+    """Run again in ``out`` with --resume and ``extra`` flags; which stages were reused."""
     proc = subprocess.run([sys.executable, "-m", "wsss_bench.cli.main", "run", "--data-root", str(root),
-                           "--out", str(run), *ARGS, "--resume", "--force", "train:round1"],
+                           "--out", str(out), *ARGS, "--resume", *extra],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    stages = {s["name"]: s["reused"] for s in json.loads((run / "manifest.json").read_text())["stages"]}
+    return {s["name"]: s["reused"] for s in json.loads((out / "manifest.json").read_text())["stages"]}
+
+
+def test_rerun_recomputes_nothing_and_force_recomputes_one_stage(reference: tuple[Path, Path]) -> None:
+    root, run = reference
+    stages = resume_stages(root, run, "--force", "train:round1")
     assert stages["train:round0"] is True and stages["train:round1"] is False
     # the retrained round 1 is bit-identical, so its CAMs (same inputs) are kept, like round 0's
     assert stages["cams:round0:val"] is True and stages["cams:round1:val"] is True
@@ -120,11 +125,7 @@ def test_changed_setting_recomputes_only_dependent_stages(reference: tuple[Path,
     root, run = reference
     copy = tmp_path / "copy"
     shutil.copytree(run, copy)
-    proc = subprocess.run([sys.executable, "-m", "wsss_bench.cli.main", "run", "--data-root", str(root),
-                           "--out", str(copy), *ARGS, "--resume", "--set", "cams.scales=[1.0]"],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    stages = {s["name"]: s["reused"] for s in json.loads((copy / "manifest.json").read_text())["stages"]}
+    stages = resume_stages(root, copy, "--set", "cams.scales=[1.0]")
     assert stages["train:round0"] is True and stages["train:round1"] is True
     assert stages["cams:round0:val"] is False and stages["cams:round1:train"] is False
     new, old = cam_arrays(copy), cam_arrays(run)
