@@ -28,7 +28,7 @@ from .engine.cams import CamFunction, extract_features, infer_split
 from .engine.model import PARENT, Classifier
 from .engine.train import train_classifier
 from .errors import ConfigError, WeightsError
-from .evaluation.evaluate import EvalResult, evaluate_cams
+from .evaluation.evaluate import evaluate_cams, result_row
 from .evaluation.thresholds import compare_policies, plot_curves, save_curve
 from .manifest import Manifest
 
@@ -322,12 +322,6 @@ def link_tree(source: Path, target: Path) -> None:
             link_file(path, target / path.name)
 
 
-def result_row(result: EvalResult, tag: str, head: str, cam_dir: Path,
-               extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-    """A machine-readable result row."""
-    return {"tag": tag, "head": head, **(extra or {}), "split": result.split,
-            "miou": result.miou, "num_images": result.num_images, "protocol": result.protocol,
-            "per_class": result.per_class, "cams": str(cam_dir)}
 
 
 MethodRunner = Callable[[MethodContext], dict[str, Any]]

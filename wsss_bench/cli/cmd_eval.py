@@ -23,16 +23,14 @@ def eval_command(cam_dir: Path, data_root: Path, split: str, threshold: float,
                  labels_file: Optional[Path], device: str, out: Optional[Path]) -> None:
     """Score CAM files against ground-truth masks (mIoU, per-class IoU)."""
     from ..device import resolve_device
-    from ..evaluation.evaluate import evaluate_cams
+    from ..evaluation.evaluate import evaluate_cams, result_row
     from ..data.voc import open_split
 
     start = time.perf_counter()
     dataset = open_split(data_root, split, labels_file)
     dev = resolve_device(device)
     result = evaluate_cams(cam_dir, dataset, threshold, dev)
-    row = {"tag": "eval", "head": "parent", "split": split, "miou": result.miou,
-           "num_images": result.num_images, "protocol": result.protocol,
-           "per_class": result.per_class, "cams": str(cam_dir)}
+    row = result_row(result, "eval", "parent", cam_dir)
     results = {"method": "eval", "backbone": "-", "dataset": str(data_root), "seed": None,
                "device": str(dev), "threshold_policy": "fixed", "threshold": threshold,
                "eval_splits": [split], "miou": {split: result.miou}, "rows": [row], "final": [row],

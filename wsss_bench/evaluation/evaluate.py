@@ -36,6 +36,14 @@ class EvalResult:
         }
 
 
+def result_row(result: EvalResult, tag: str, head: str, cam_dir: Path,
+               extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """A machine-readable result row."""
+    return {"tag": tag, "head": head, **(extra or {}), "split": result.split,
+            "miou": result.miou, "num_images": result.num_images, "protocol": result.protocol,
+            "per_class": result.per_class, "cams": str(cam_dir)}
+
+
 def evaluate_cams(cam_dir: Path, dataset: VOCDataset, threshold: float = 0.15,
                   device: torch.device | str = "cpu", show_progress: bool = False,
                   stage: str = "cam") -> EvalResult:
