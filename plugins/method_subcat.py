@@ -14,6 +14,8 @@ count (each image its own sub-category); per-class K is set with ``k_per_class``
 """
 from __future__ import annotations
 
+import functools
+
 from pathlib import Path
 from typing import Any, Optional
 
@@ -137,7 +139,10 @@ class SubCategoryCam:
         stats: dict[str, Any] = {}
         for r in range(1, opts.rounds + 1):
             features = ctx.features(model, f"round{r - 1}")
-            assignment = cluster_per_class(features, labels, ks, clusterer, ctx.config.seed)
+            # Clustered once (rank 0 under torchrun) and shared, so every process trains on the
+            # same sub-category labels.
+            assignment = ctx.shared(functools.partial(cluster_per_class, features, labels, ks, clusterer,
+                                                      ctx.config.seed))
             stats[f"round{r}"] = cluster_stats(assignment, previous, ctx.class_names)
             ctx.save_array(f"subcategories/round{r}.npy", assignment)
             previous = assignment

@@ -46,6 +46,29 @@ def test_confusion_and_miou_match_numpy(seed: int) -> None:
     assert np.isnan(scores["iou"][n - 1])
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.int32, np.int64])
+def test_label_dtypes_count_the_same(dtype) -> None:
+    # Masks arrive as uint8 (PNG) and predictions as int64 (torch argmax); the counting path
+    # depends on the target dtype (256 rows for uint8, max+1 otherwise).
+    rng = np.random.default_rng(7)
+    n = 21
+    gt = rng.integers(0, n, (37, 53))
+    gt[rng.random(gt.shape) < 0.1] = 255
+    pred = rng.integers(0, n, gt.shape)
+    acc = ConfusionAccumulator(n - 1)
+    acc.update(pred.astype(dtype), gt.astype(dtype))
+    np.testing.assert_array_equal(acc.compute(), numpy_reference([pred], [gt], n)[0])
+
+
+def test_ground_truth_outside_the_classes_is_an_error() -> None:
+    gt = np.array([[0, 1], [7, 255]], np.uint8)  # 7 is neither a class of 3+1 nor ignore
+    acc = ConfusionAccumulator(3)
+    with pytest.raises(ValueError, match=r"labels \[7\]"):
+        acc.update(np.zeros_like(gt), gt)
+    with pytest.raises(ValueError, match="integer"):
+        acc.update(np.zeros((2, 2), np.float32), gt)
+
+
 def test_perfect_prediction_scores_one() -> None:
     gt = np.array([[0, 1], [2, 255]])
     acc = ConfusionAccumulator(2)

@@ -26,6 +26,7 @@ from .config import RunConfig
 from .data.voc import VOCDataset
 from .engine.cams import CamFunction, extract_features, infer_split
 from .engine.model import PARENT, Classifier
+from .distributed import Distributed
 from .engine.train import train_classifier
 from .errors import ConfigError, WeightsError
 from .evaluation.evaluate import evaluate_cams, result_row
@@ -64,6 +65,16 @@ class MethodContext:
     #: Stage names or prefixes to recompute even when cached (``--force train:round1``,
     #: ``--force cams``).
     force: tuple[str, ...] = ()
+    #: The ``torchrun`` job this process belongs to (a single process by default).
+    job: Distributed = field(default_factory=Distributed)
+
+    def shared(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` once, on rank 0, and return its result on every process.
+
+        For steps whose result must be identical everywhere but is not bit-reproducible across
+        processes (clustering with threaded BLAS); a single-process run just calls ``fn``.
+        """
+        return self.job.on_main(fn)
 
     def forced(self, stage: str) -> bool:
         """Whether ``stage`` (e.g. ``train:round1``) must be recomputed."""
@@ -157,8 +168,9 @@ class MethodContext:
         path = self.checkpoint_path(tag)
         stored = self._stored("checkpoints", key, ".pth")
         forced = self.forced(f"train:{tag}")
-        if stored is not None and stored.is_file() and not path.is_file() and not forced:
+        if stored is not None and stored.is_file() and not path.is_file() and not forced and self.job.is_main:
             link_file(stored, path)
+        self.job.barrier()  # every process now sees the same files and takes the same branch
         started = time.perf_counter()
         inputs = {"digest": key, "images": len(self.train_set.ids), "heads": model.describe()}
         if path.is_file() and not forced:
@@ -169,21 +181,24 @@ class MethodContext:
                 self.record(f"train:{tag}", inputs, [path], started, reused=True)
                 return path
         state_file = path.with_suffix(".state.pth")
-        if forced:
+        if forced and self.job.is_main:
             state_file.unlink(missing_ok=True)  # our own resume file: start the stage afresh
+        self.job.barrier()
         train_log = train_classifier(model, self.train_set, cfg, self.device, self.config.seed + seed_offset,
                                      extra_targets, loss_weights, self.show_progress, tag,
-                                     state_file=state_file, state_key=key)
+                                     state_file=state_file, state_key=key, job=self.job)
         self.extra.setdefault("training", {})[tag] = {
             "seconds": round(train_log.seconds, 2), "images_per_second": round(train_log.images_per_second, 2),
             "losses": train_log.epoch_losses}
-        checkpoints.save_checkpoint(path, model, {"tag": tag, "input_digest": key,
-                                                  "backbone": self.config.backbone.model_dump(),
-                                                  "class_names": self.class_names, "heads": model.describe()})
-        state_file.unlink(missing_ok=True)  # our own resume file, superseded by the checkpoint
-        self.record(f"train:{tag}", inputs, [path], started)
-        if stored is not None:
-            link_file(path, stored)
+        if self.job.is_main:
+            checkpoints.save_checkpoint(path, model, {"tag": tag, "input_digest": key,
+                                                      "backbone": self.config.backbone.model_dump(),
+                                                      "class_names": self.class_names, "heads": model.describe()})
+            state_file.unlink(missing_ok=True)  # our own resume file, superseded by the checkpoint
+            self.record(f"train:{tag}", inputs, [path], started)
+            if stored is not None:
+                link_file(path, stored)
+        self.job.barrier()
         return path
 
     def features(self, model: Classifier, tag: str) -> np.ndarray:
@@ -193,21 +208,28 @@ class MethodContext:
                       "root": str(self.train_set.root)})
         path = self.run_dir / "features" / f"{tag}.npy"
         stored = self._stored("features", key, ".npy")
-        if stored is not None and stored.is_file() and not self.forced(f"features:{tag}"):
-            link_file(stored, path)
-            self.record(f"features:{tag}", {"key": key}, [path], started, reused=True)
-            return np.load(path, allow_pickle=False)
-        feats = extract_features(model, self.train_set, self.device, self.show_progress)
-        self.save_array(f"features/{tag}.npy", feats)
-        self.record(f"features:{tag}", {"key": key, "split": self.train_set.split}, [path], started)
-        if stored is not None:
-            link_file(path, stored)
-        return feats
+
+        def compute() -> None:
+            if stored is not None and stored.is_file() and not self.forced(f"features:{tag}"):
+                link_file(stored, path)
+                self.record(f"features:{tag}", {"key": key}, [path], started, reused=True)
+                return
+            feats = extract_features(model, self.train_set, self.device, self.show_progress)
+            self.save_array(f"features/{tag}.npy", feats)
+            self.record(f"features:{tag}", {"key": key, "split": self.train_set.split}, [path], started)
+            if stored is not None:
+                link_file(path, stored)
+
+        # Rank 0 extracts (a single pass over the split is cheap next to training); the others
+        # read its file, so every process clusters exactly the same numbers.
+        self.job.on_main(compute)
+        return np.load(path, allow_pickle=False)
 
     def save_array(self, relative: str, array: np.ndarray) -> Path:
         """Save an array artifact under the run directory (``.npy``, never pickled)."""
         path = self.run_dir / relative
-        io.write_with(path, lambda handle: np.save(handle, array, allow_pickle=False))
+        if self.job.is_main:
+            io.write_with(path, lambda handle: np.save(handle, array, allow_pickle=False))
         return path
 
     def clusterer(self, name: str, options: Optional[dict[str, Any]] = None) -> Any:
@@ -224,40 +246,58 @@ class MethodContext:
         """
         stage = stage or ("cam" if head == PARENT else f"cam-{head}")
         model_key = checkpoints.state_digest(model)
-        rows = []
-        for split, dataset in self.eval_sets.items():
-            folder = tag if stage == "cam" else f"{tag}-{stage}"
-            out = self.run_dir / "cams" / folder / split
-            started = time.perf_counter()
-            inputs = {"model": model_key, "scales": self.config.cams.scales, "stage": stage,
-                      "precision": self.config.cams.precision,
-                      "flip": self.config.cams.flip, "head": head, "ids": digest(dataset.ids),
-                      "root": str(dataset.root)}
-            key = digest(inputs)
-            stored = self._stored("cams", key)
-            forced = self.forced(f"cams:{folder}:{split}")
+        rows = [self._split_cams(model, tag, head, split, dataset, stage, model_key, row, cam_fn)
+                for split, dataset in self.eval_sets.items()]
+        self.job.on_main(lambda: self.add_threshold_policies(rows, stage))
+        if self.job.enabled:
+            rows[:] = self.job.broadcast(rows)  # the policies were attached on rank 0
+        return rows
+
+    def _split_cams(self, model: Classifier, tag: str, head: str, split: str, dataset: VOCDataset,
+                    stage: str, model_key: str, row: Optional[dict[str, Any]],
+                    cam_fn: Optional[CamFunction]) -> dict[str, Any]:
+        """CAM files of one split (cached, sharded under torchrun) and their result row."""
+        folder = tag if stage == "cam" else f"{tag}-{stage}"
+        out = self.run_dir / "cams" / folder / split
+        started = time.perf_counter()
+        inputs = {"model": model_key, "scales": self.config.cams.scales, "stage": stage,
+                  "precision": self.config.cams.precision,
+                  "flip": self.config.cams.flip, "head": head, "ids": digest(dataset.ids),
+                  "root": str(dataset.root)}
+        key = digest(inputs)
+        stored = self._stored("cams", key)
+        forced = self.forced(f"cams:{folder}:{split}")
+        reused = stored is not None and (stored / "complete").is_file() and not forced
+
+        def prepare_folder() -> None:
             marker = out / ".inputs"
             if forced or not marker.is_file() or marker.read_text() != key:
-                # CAMs of other inputs (another model or setting) are stale: our own files in our
-                # own run folder, removed before the marker says the folder holds this key.
+                # CAMs of other inputs (another model or setting) are stale: our own files in
+                # our own run folder, removed before the marker says the folder holds this key.
                 for old in out.glob("*.npz"):
                     old.unlink()
                 io.write_text(marker, key)
-            reused = stored is not None and (stored / "complete").is_file() and not forced
             if reused:
                 link_tree(stored, out)
-            else:
-                reused = infer_split(model, dataset, out, self.config.cams.scales, self.config.cams.flip,
-                                     self.device, head, self.show_progress, cam_fn=cam_fn,
-                                     precision=self.config.cams.precision) == 0
-                if stored is not None:
-                    link_tree(out, stored)
-                    io.write_text(stored / "complete", "")
+
+        self.job.on_main(prepare_folder)
+        if not reused:
+            # Under torchrun each process writes its own shard of the split.
+            written = infer_split(model, dataset, out, self.config.cams.scales, self.config.cams.flip,
+                                  self.device, head, self.show_progress, cam_fn=cam_fn,
+                                  precision=self.config.cams.precision,
+                                  rank=self.job.rank, world_size=self.job.world_size)
+            reused = sum(self.job.all_gather(written)) == 0
+
+        def finish_and_score() -> dict[str, Any]:
+            if stored is not None and not (stored / "complete").is_file():
+                link_tree(out, stored)
+                io.write_text(stored / "complete", "")
             self.record(f"cams:{folder}:{split}", inputs, [out], started, reused)
             result = evaluate_cams(out, dataset, self.config.eval.threshold, self.device, stage=stage)
-            rows.append(result_row(result, tag, head, out.relative_to(self.run_dir), row))
-        self.add_threshold_policies(rows, stage)
-        return rows
+            return result_row(result, tag, head, out.relative_to(self.run_dir), row)
+
+        return self.job.on_main(finish_and_score)
 
     def selection_for(self, split: str) -> Optional[str]:
         """The split whose ground truth picks the ``heldout`` threshold for ``split``."""

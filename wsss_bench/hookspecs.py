@@ -52,7 +52,8 @@ def register_methods(register: Register) -> None:
 
     Call ``register(name, factory, help="one line", options=None)``.  ``factory()`` returns an
     object with ``run(context) -> dict`` that trains what it needs, writes CAM files through the
-    context and returns method-specific result rows; see :mod:`wsss_bench.methods`.
+    context and returns method-specific result rows; see :class:`wsss_bench.context.MethodContext`
+    and docs/plugin-guide.md.
     """
 
 

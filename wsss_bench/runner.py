@@ -10,12 +10,12 @@ from typing import Any, Optional
 
 import torch
 
-from . import io
+from . import distributed, io
 from .components import create_dataset
 from .config import RunConfig
 from .context import MethodContext
 from .data.voc import VOCDataset, open_split
-from .device import resolve_device, seed_everything
+from .device import seed_everything
 from .errors import ConfigError, DataError, WeightsError
 from .evaluation.tables import results_markdown
 from .manifest import Manifest
@@ -105,18 +105,24 @@ def make_context(config: RunConfig, run_dir: Path, resume: bool = False,
     init = config.train.init_weights
     if init is not None and not Path(init).is_file():
         raise WeightsError(f"{init}: train.init_weights file not found")
-    device = resolve_device(config.device)
+    job, device = distributed.setup(config.device)
     seed_everything(config.seed)
     if eval_splits is not None:
         config = config.model_copy(update={"dataset": config.dataset.model_copy(
             update={"eval_splits": eval_splits})})
-    train_set, eval_sets = open_datasets(config, require_masks)
-    run_dir = prepare_run_dir(run_dir, resume)
-    manifest = Manifest(run_dir, config, device, {"train": train_set, **{f"eval:{k}": v for k, v in eval_sets.items()}})
-    manifest.save()
-    return MethodContext(config, run_dir, device, train_set, eval_sets, not config.quiet,
-                         manifest=manifest, store=Path(store) if store is not None else None,
-                         force=tuple(force))
+    with job.main_first():  # a generated dataset is written once, by rank 0
+        train_set, eval_sets = open_datasets(config, require_masks)
+    # Rank 0 checks and creates the folder (the others would find it already in use).
+    run_dir = job.on_main(lambda: prepare_run_dir(run_dir, resume))
+    manifest = None
+    if job.is_main:
+        manifest = Manifest(run_dir, config, device,
+                            {"train": train_set, **{f"eval:{k}": v for k, v in eval_sets.items()}})
+        manifest.save()
+    return MethodContext(config, run_dir, device, train_set, eval_sets,
+                         not config.quiet and job.is_main, manifest=manifest,
+                         store=Path(store) if store is not None else None, force=tuple(force),
+                         job=job)
 
 
 def run(config: RunConfig, out_dir: Optional[Path] = None, resume: bool = False,
@@ -129,8 +135,10 @@ def run(config: RunConfig, out_dir: Optional[Path] = None, resume: bool = False,
     start = time.perf_counter()
     method = registry("method").get(config.method.name)
     method_options = method.validate_options(config.method.options)
-    ctx = make_context(config, Path(out_dir) if out_dir else default_run_dir(config), resume,
-                       store=store, force=force)
+    job, _ = distributed.setup(config.device)
+    # The default folder name holds a time stamp: every process must use rank 0's.
+    run_dir = Path(out_dir) if out_dir else job.broadcast(default_run_dir(config))
+    ctx = make_context(config, run_dir, resume, store=store, force=force)
     run_dir, device, eval_sets = ctx.run_dir, ctx.device, ctx.eval_sets
     io.write_yaml(run_dir / "config.yaml", config.to_dict())
     log.info("run %s: method %s, backbone %s, %d training images, device %s", run_dir,
@@ -149,9 +157,11 @@ def run(config: RunConfig, out_dir: Optional[Path] = None, resume: bool = False,
         "tables": outcome.get("tables", {}), "torch": torch.__version__,
         "wall_time_s": round(time.perf_counter() - start, 2),
     }
-    io.write_json(run_dir / "results.json", results)
-    io.write_text(run_dir / "results.md", results_markdown(results))
+    if job.is_main:
+        io.write_json(run_dir / "results.json", results)
+        io.write_text(run_dir / "results.md", results_markdown(results))
     if ctx.manifest is not None:
         ctx.manifest.finish()
+    job.barrier()  # results.json exists for every process once run() returns
     results["run_dir"] = str(run_dir)
     return results

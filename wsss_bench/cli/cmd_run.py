@@ -35,6 +35,10 @@ def run_command(out: Optional[Path], resume: bool, dry_run: bool, cache_dir: Opt
     from ..runner import run
 
     results = run(config, out, resume, store=cache_dir, force=force)
+    from ..distributed import current
+
+    if not current().is_main:  # under torchrun, rank 0 prints for the job
+        return
     click.echo((Path(results["run_dir"]) / "results.md").read_text())
     click.echo(f"run directory: {results['run_dir']}")
 

@@ -70,7 +70,8 @@ def train_command(out: Path, tag: str, targets: tuple[str, ...], loss_weight: tu
         raise ConfigError(f"--targets: unknown head(s) {sorted(unknown)}; the classifier has 'sub'")
     model = ctx.new_classifier(sub_classes=sub.shape[1] if sub is not None else 0, init_weights=init_weights)
     path = ctx.train(model, tag, extra_targets=extra or None, loss_weights=weights or None)
-    click.echo(f"checkpoint: {path}")
+    if ctx.job.is_main:
+        click.echo(f"checkpoint: {path}")
 
 
 @click.command("extract-features")
@@ -108,11 +109,15 @@ def cams_command(out: Path, weights: Path, head: str, splits: tuple[str, ...], t
         for split, dataset in ctx.eval_sets.items():
             folder = ctx.run_dir / "cams" / (tag if head == "parent" else f"{tag}-cam-{head}") / split
             infer_split(model, dataset, folder, ctx.config.cams.scales, ctx.config.cams.flip,
-                        ctx.device, head, ctx.show_progress)
-            click.echo(f"{split}: {folder}")
+                        ctx.device, head, ctx.show_progress, precision=ctx.config.cams.precision,
+                        rank=ctx.job.rank, world_size=ctx.job.world_size)
+            ctx.job.barrier()
+            if ctx.job.is_main:
+                click.echo(f"{split}: {folder}")
         return
     for row in ctx.cams_and_scores(model, tag, head=head):
-        click.echo(f"{row['split']}: mIoU {pct(row['miou'])} % ({row['num_images']} images) -> {ctx.run_dir / row['cams']}")
+        if ctx.job.is_main:
+            click.echo(f"{row['split']}: mIoU {pct(row['miou'])} % ({row['num_images']} images) -> {ctx.run_dir / row['cams']}")
 
 
 def register(cli: click.Group) -> None:

@@ -7,6 +7,7 @@ Only the ground-truth channels are upsampled: the others are zeroed by the origi
 """
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -74,14 +75,18 @@ def image_cams(model: Classifier, image: Image.Image, class_ids: Sequence[int],
         channels = sub_channels(class_ids, k)
     index = torch.tensor(channels, device=device)
     total: Optional[torch.Tensor] = None
-    for scale in scales:
-        x = _input_batch(image, scale, flip).to(device)
-        with autocast(device, precision):
-            cam = cam_fn(model, x, index).detach()
-        cam = cam.float()
-        cam = F.interpolate(cam, size=(height, width), mode="bilinear", align_corners=False)
-        fused = cam[0] + cam[1].flip(-1) if flip else cam[0]
-        total = fused if total is None else total + fused
+    # One autocast region for all scales: autocast caches the low-precision copy of each weight
+    # until its outermost region exits, so per-scale regions would re-cast every weight 4 times.
+    with autocast(device, precision):
+        for scale in scales:
+            x = _input_batch(image, scale, flip).to(device)
+            cam = cam_fn(model, x, index).detach().float()
+            # Upsampling, fusion and normalisation stay in fp32 whatever the forward dtype.
+            # (A nested disabled region keeps the outer region's weight cache.)
+            with torch.autocast(device_type=device.type, enabled=False):
+                cam = F.interpolate(cam, size=(height, width), mode="bilinear", align_corners=False)
+                fused = cam[0] + cam[1].flip(-1) if flip else cam[0]
+            total = fused if total is None else total + fused
     assert total is not None
     total = total.view(n, k, height, width)
     peak = total.amax(dim=(1, 2, 3), keepdim=True)
@@ -89,25 +94,53 @@ def image_cams(model: Classifier, image: Image.Image, class_ids: Sequence[int],
     return maps.float().cpu().numpy()
 
 
+def shard_ids(ids: Sequence[str], rank: int = 0, world_size: int = 1) -> list[str]:
+    """The ids one of ``world_size`` processes handles: every ``world_size``-th from ``rank``.
+
+    Strided rather than blocked so that shards stay balanced when image sizes drift along the
+    list (VOC ids are sorted by year).
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"bad shard rank {rank} of {world_size}")
+    return list(ids)[rank::world_size]
+
+
 def infer_split(model: Classifier, dataset: VOCDataset, out_dir: Path, scales: Sequence[float],
                 flip: bool, device: torch.device, head: str = PARENT,
                 show_progress: bool = False, skip_existing: bool = True,
-                cam_fn: Optional[CamFunction] = None, precision: str = "fp32") -> int:
-    """Write ``<id>.npz`` CAM files for every image of ``dataset``; returns how many were new."""
+                cam_fn: Optional[CamFunction] = None, precision: str = "fp32",
+                rank: int = 0, world_size: int = 1) -> int:
+    """Write ``<id>.npz`` CAM files for every image of ``dataset``; returns how many were new.
+
+    With ``world_size > 1`` only this process's shard (:func:`shard_ids`) is written; every
+    file depends on its image alone, so the union of the shards equals a single-process run.
+    Decoding the next image and compressing the previous maps run in a helper thread while the
+    model computes (PIL and zlib release the GIL).
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.to(device).eval()
-    written = 0
-    for image_id in progress_bar(dataset.ids, f"cams {dataset.split}", show_progress):
-        path = out_dir / f"{image_id}.npz"
-        if skip_existing and path.is_file():
-            continue
-        keys = np.flatnonzero(dataset.label(image_id))
-        cams = image_cams(model, dataset.load_image(image_id), keys.tolist(), scales, flip,
-                          device, head, cam_fn, precision)
-        write_cam(path, keys, cams)
-        written += 1
-    return written
+    todo = [i for i in shard_ids(dataset.ids, rank, world_size)
+            if not (skip_existing and (out_dir / f"{i}.npz").is_file())]
+    if not todo:
+        return 0
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cam-io") as io_pool, \
+            autocast(device, precision):  # one region for the split: weights are cast once
+        pending_write: Optional[Future] = None
+        next_image = io_pool.submit(dataset.load_image, todo[0])
+        for pos, image_id in enumerate(progress_bar(todo, f"cams {dataset.split}", show_progress)):
+            image = next_image.result()
+            if pos + 1 < len(todo):
+                next_image = io_pool.submit(dataset.load_image, todo[pos + 1])
+            keys = np.flatnonzero(dataset.label(image_id))
+            cams = image_cams(model, image, keys.tolist(), scales, flip, device, head, cam_fn,
+                              precision)
+            if pending_write is not None:
+                pending_write.result()  # surface write errors in order, keep one write in flight
+            pending_write = io_pool.submit(write_cam, out_dir / f"{image_id}.npz", keys, cams)
+        if pending_write is not None:
+            pending_write.result()
+    return len(todo)
 
 
 @torch.inference_mode()

@@ -10,6 +10,7 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from .. import io
@@ -17,6 +18,8 @@ from ..config import TrainConfig
 from ..data.transforms import TrainTransform
 from ..data.voc import VOCDataset
 from ..device import autocast, derive_seed
+from ..distributed import Distributed
+from ..errors import ConfigError
 from ..progress import progress_bar
 from .model import PARENT, Classifier
 
@@ -83,7 +86,8 @@ def train_classifier(model: Classifier, dataset: VOCDataset, cfg: TrainConfig,
                      extra_targets: Optional[dict[str, np.ndarray]] = None,
                      loss_weights: Optional[dict[str, float]] = None,
                      show_progress: bool = False, description: str = "train",
-                     state_file: Optional[Path] = None, state_key: str = "") -> TrainLog:
+                     state_file: Optional[Path] = None, state_key: str = "",
+                     job: Optional[Distributed] = None) -> TrainLog:
     """Train ``model`` in place on ``dataset`` (parent labels + optional extra heads' targets).
 
     With ``state_file``, the full training state (weights, optimizer, epoch, step, log) is saved
@@ -91,7 +95,17 @@ def train_classifier(model: Classifier, dataset: VOCDataset, cfg: TrainConfig,
     ``state_key``: a killed run resumes at the last finished epoch and ends with the weights an
     uninterrupted run would have.  ``cfg.snapshot_epoch`` keeps the weights after that epoch
     (SC-CAM's mid-schedule checkpoints) instead of the last ones.
+
+    Under ``torchrun`` (``job.world_size > 1``) the model is wrapped in DistributedDataParallel
+    and process r takes items ``r, r + W, ...`` of every global batch, so the batches, the
+    learning-rate schedule and the averaged gradient are those of one process with the same
+    ``batch_size`` (BatchNorm statistics are per process, as with plain DDP).  Rank 0 writes
+    the resume file.
     """
+    job = job or Distributed()
+    if job.enabled and cfg.batch_size < job.world_size:
+        raise ConfigError(f"train.batch_size={cfg.batch_size} is smaller than the {job.world_size} "
+                          "processes: every process needs at least one image per batch")
     targets = {PARENT: np.stack([dataset.label(i) for i in dataset.ids]).astype(np.float32)}
     for name, value in (extra_targets or {}).items():
         targets[name] = np.asarray(value, np.float32)
@@ -102,6 +116,10 @@ def train_classifier(model: Classifier, dataset: VOCDataset, cfg: TrainConfig,
     max_step = max(1, steps_per_epoch * cfg.epochs)
     optimizer = make_optimizer(model, cfg)
     model.to(device).train()
+    forward: torch.nn.Module = model
+    if job.enabled:
+        # DDP broadcasts rank 0's weights now and averages gradients in backward().
+        forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     log = TrainLog()
     first_epoch, step = 0, 0
     snapshot: Optional[dict[str, torch.Tensor]] = None
@@ -110,8 +128,9 @@ def train_classifier(model: Classifier, dataset: VOCDataset, cfg: TrainConfig,
         first_epoch, step, log.epoch_losses, snapshot = resumed
     start, seen = time.perf_counter(), 0
     for epoch in range(first_epoch, cfg.epochs):
-        loader = DataLoader(data, batch_sampler=epoch_batches(len(data), cfg.batch_size, seed, epoch),
-                            num_workers=cfg.num_workers)
+        batches_of_epoch = [b[job.rank::job.world_size]
+                            for b in epoch_batches(len(data), cfg.batch_size, seed, epoch)]
+        loader = DataLoader(data, batch_sampler=batches_of_epoch, num_workers=cfg.num_workers)
         totals: dict[str, float] = {}
         batches = progress_bar(loader, f"{description} epoch {epoch + 1}/{cfg.epochs}",
                                show_progress, total=steps_per_epoch)
@@ -121,7 +140,7 @@ def train_classifier(model: Classifier, dataset: VOCDataset, cfg: TrainConfig,
             torch.manual_seed(derive_seed(seed, 1 << 20, step))  # dropout masks depend on the step only
             images = images.to(device, non_blocking=True)
             with autocast(device, cfg.precision):
-                logits, _ = model(images)
+                logits, _ = forward(images)
             losses = {name: F.multilabel_soft_margin_loss(logits[name].float(), batch_targets[name].to(device))
                       for name in targets}
             loss = sum(weights[name] * value for name, value in losses.items())
@@ -135,7 +154,7 @@ def train_classifier(model: Classifier, dataset: VOCDataset, cfg: TrainConfig,
         log.epoch_losses.append({k: v / max(1, steps_per_epoch) for k, v in totals.items()})
         if epoch == cfg.snapshot_epoch:
             snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        if state_file is not None:
+        if state_file is not None and job.is_main:
             save_train_state(state_file, state_key, model, optimizer, epoch + 1, step,
                              log.epoch_losses, snapshot)
     if snapshot is not None:

@@ -55,7 +55,10 @@ def evaluate_cams(cam_dir: Path, dataset: VOCDataset, threshold: float = 0.15,
         mask = dataset.load_mask(image_id, dataset.image_size(image_id))
         keys, cams = read_cam(cam_dir / f"{image_id}.npz", dataset.num_classes, mask.shape)
         pred = cams_to_labels(keys, torch.from_numpy(cams).to(acc.device), threshold)
-        acc.update(pred, torch.from_numpy(mask))
+        try:
+            acc.update(pred, torch.from_numpy(mask))
+        except ValueError as exc:
+            raise DataError(f"ground-truth mask of {image_id!r} ({dataset.split}): {exc}") from None
     confusion = acc.compute()
     scores = scores_from_confusion(confusion)
     protocol = {"split": dataset.split, "stage": stage, "threshold_policy": "fixed",

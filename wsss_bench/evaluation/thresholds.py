@@ -34,7 +34,7 @@ import torch
 
 from .. import io
 from ..data.voc import IGNORE_INDEX, VOCDataset
-from ..errors import ConfigError, UserError
+from ..errors import ConfigError, DataError, UserError
 from ..progress import progress_bar
 from .camfiles import check_cam_dir, read_cam
 from .evaluate import EvalResult
@@ -125,6 +125,9 @@ def sweep_confusions(cam_dir: Path, dataset: VOCDataset, thresholds: Sequence[fl
         gt = torch.from_numpy(mask).to(dev, torch.long)
         valid = gt != IGNORE_INDEX
         best, label, gt = best[valid], label[valid], gt[valid]
+        if gt.numel() and int(gt.max()) >= ncls:
+            raise DataError(f"ground-truth mask of {image_id!r} ({dataset.split}) holds label "
+                            f"{int(gt.max())}, outside 0..{ncls - 1} and the ignore label 255")
         # cams_to_labels compares `best > t` with t rounded to the maps' dtype (torch casts a
         # Python scalar to the tensor's dtype).  Round the same way, then search in a dtype that
         # holds both exactly (float16/bfloat16 are widened: searchsorted may not support them).
