@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -68,3 +69,26 @@ def test_bench_runs_shares_and_skips(tmp_path: Path, tiny_voc: Path) -> None:
     # a second invocation skips every finished cell
     again = runner.invoke(cli, ["bench", str(path), "--out", str(out)])
     assert again.exit_code == 0 and again.output.count("done, skipped") == 4
+
+
+def test_paired_deltas_pair_by_seed_and_flag_separation() -> None:
+    from wsss_bench.bench import paired_deltas
+
+    def row(group: str, mious: list[float], seeds: list[int]) -> dict:
+        arr = np.array(mious)
+        return {"group": {"m": group}, "split": "val", "round": 0, "stage": "cam", "mious": mious,
+                "seeds": seeds, "miou_mean": float(arr.mean()), "miou_std": float(arr.std(ddof=1))}
+
+    base = row("base", [0.30, 0.20, 0.25], [0, 1, 2])
+    same = row("same", [0.30, 0.20, 0.25], [0, 1, 2])              # identical: left out
+    shifted = row("up", [0.34, 0.24, 0.29], [0, 1, 2])            # +4 points every seed
+    noisy = row("noisy", [0.40, 0.10, 0.25], [2, 1, 0])           # seeds in another order
+    deltas = {d["row"]["group"]["m"]: d for d in paired_deltas([base, same, shifted, noisy])}
+    assert set(deltas) == {"up", "noisy"}
+    assert deltas["up"]["mean"] == pytest.approx(0.04) and deltas["up"]["std"] == pytest.approx(0.0, abs=1e-12)
+    # A constant +4 points is smaller than the baseline's own 5-point spread: not "beyond spread".
+    assert deltas["up"]["beyond_spread"] is False
+    # Paired by seed, not by position: seed 0 → 0.25-0.30, seed 1 → 0.10-0.20, seed 2 → 0.40-0.25.
+    assert deltas["noisy"]["mean"] == pytest.approx((-0.05 - 0.10 + 0.15) / 3)
+    far = row("far", [0.90, 0.85, 0.88], [0, 1, 2])
+    assert paired_deltas([base, far])[0]["beyond_spread"] is True

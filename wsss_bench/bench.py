@@ -174,12 +174,15 @@ def aggregate(spec: dict[str, Any], records: list[dict[str, Any]]) -> list[dict[
     rows = []
     for key, recs in groups.items():
         by_row: dict[tuple, list[float]] = {}
+        by_policy: dict[tuple, dict[str, list[float]]] = {}
         protocols: dict[tuple, dict[str, Any]] = {}
         for rec in recs:
             for r in rec["results"]["rows"]:
                 ident = (r["split"], r.get("round", ""), r["protocol"]["stage"])
                 by_row.setdefault(ident, []).append(r["miou"])
                 protocols[ident] = r["protocol"]
+                for name, policy in (r.get("policies") or {}).items():
+                    by_policy.setdefault(ident, {}).setdefault(name, []).append(policy["miou"])
         seeds = [rec["cell"].values.get("seed", rec["results"].get("seed")) for rec in recs]
         for ident, values in sorted(by_row.items(), key=lambda kv: (str(kv[0][1]), kv[0][0])):
             arr = np.array(values, dtype=float)
@@ -188,10 +191,43 @@ def aggregate(spec: dict[str, Any], records: list[dict[str, Any]]) -> list[dict[
                 "round": ident[1], "stage": ident[2], "n": int(arr.size),
                 "miou_mean": float(arr.mean()), "miou_std": float(arr.std(ddof=1)) if arr.size > 1 else 0.0,
                 "mious": arr.tolist(), "seeds": seeds, "protocol": protocols[ident],
+                # Other threshold policies of the same CAMs (mean over seeds; oracle = upper bound).
+                "policies": {name: float(np.mean(v)) for name, v in by_policy.get(ident, {}).items()
+                             if len(v) == arr.size},
                 "seconds_mean": float(np.mean([r["meta"]["seconds"] for r in recs])),
                 "peak_rss_mb_max": float(max(r["meta"]["peak_rss_mb"] for r in recs)),
             })
     return rows
+
+
+def paired_deltas(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each row against its split's baseline (the split's first row), paired by seed.
+
+    Seeds are the natural pairing: cells of one seed share data order, initialisation and (in a
+    shared store) the very same baseline classifier, so per-seed differences remove most of
+    the run-to-run variance.  ``beyond_spread``: the difference of the means is larger than the
+    sample std over seeds of both the row and the baseline.
+    """
+    baselines: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        baselines.setdefault(r["split"], r)
+    out = []
+    for r in rows:
+        base = baselines[r["split"]]
+        if r is base:
+            continue
+        pairs = [(a, b) for s, a in zip(r["seeds"], r["mious"]) for t, b in zip(base["seeds"], base["mious"])
+                 if s == t and s is not None]
+        if not pairs:
+            continue
+        diff = np.array([a - b for a, b in pairs])
+        if not diff.any():
+            continue  # the baseline itself (e.g. the round-0 classifier every cell shares)
+        gap = abs(r["miou_mean"] - base["miou_mean"])
+        out.append({"row": r, "baseline": base, "n": int(diff.size), "mean": float(diff.mean()),
+                    "std": float(diff.std(ddof=1)) if diff.size > 1 else 0.0,
+                    "beyond_spread": bool(gap > r["miou_std"] and gap > base["miou_std"])})
+    return out
 
 
 def write_tables(spec: dict[str, Any], records: list[dict[str, Any]], out: Path) -> dict[str, Any]:
@@ -200,12 +236,20 @@ def write_tables(spec: dict[str, Any], records: list[dict[str, Any]], out: Path)
     labels = spec.get("labels") or {}
     axes = [k for k in (spec.get("matrix") or {}) if k != "seed"]
     titles = [labels.get(a, a) for a in axes]
-    header = [*titles, "split", "round", "stage", "mIoU % (mean ± std)", "n seeds", "time / cell (s)", "peak RSS (MB)"]
+    policies = [p for p in ("heldout", "oracle") if any(p in r.get("policies", {}) for r in rows)]
+    policy_titles = {"heldout": "held-out thr. %", "oracle": "oracle thr. % (upper bound)"}
+    header = [*titles, "split", "round", "stage", "mIoU % (mean ± std)",
+              *[policy_titles[p] for p in policies], "n seeds", "time / cell (s)", "peak RSS (MB)"]
     table = []
     for r in rows:
         table.append([*[_show(r["group"].get(a)) for a in axes], r["split"], r["round"], r["stage"],
-                      f"{pct(r['miou_mean'])} ± {pct(r['miou_std'])}", r["n"],
-                      f"{r['seconds_mean']:.0f}", f"{r['peak_rss_mb_max']:.0f}"])
+                      f"{pct(r['miou_mean'])} ± {pct(r['miou_std'])}",
+                      *[pct(r["policies"][p]) if p in r.get("policies", {}) else "" for p in policies],
+                      r["n"], f"{r['seconds_mean']:.0f}", f"{r['peak_rss_mb_max']:.0f}"])
+    deltas = paired_deltas(rows)
+    delta_table = [[*[_show(d["row"]["group"].get(a)) for a in axes], d["row"]["split"], d["row"]["round"],
+                    d["row"]["stage"], f"{100 * d['mean']:+.1f} ± {100 * d['std']:.1f}", d["n"],
+                    "yes" if d["beyond_spread"] else "no"] for d in deltas]
     proto = rows[0]["protocol"] if rows else {}
     seeds = sorted({s for r in rows for s in r["seeds"] if s is not None})
     md = [f"# Bench: {spec['name']}", "",
@@ -214,6 +258,18 @@ def write_tables(spec: dict[str, Any], records: list[dict[str, Any]], out: Path)
           f"{proto.get('threshold')}), ignore label {proto.get('ignore_index')}, mIoU over "
           f"{proto.get('mean_over')}; seeds {seeds}; std is the sample std over seeds.", "",
           markdown_table(header, table), ""]
+    if deltas:
+        base = deltas[0]["baseline"]
+        named = ", ".join(f"{t} {_show(base['group'].get(a))}" for t, a in zip(titles, axes))
+        md += ["## Against the baseline", "",
+               f"Baseline: the first row of each split ({named}, "
+               f"round {base['round']}, stage `{base['stage']}`). Δ is paired by seed (same seed, "
+               "same data order; mean ± sample std of the per-seed differences, fixed threshold). "
+               "*Beyond spread*: the difference of the means exceeds the run-to-run std over "
+               "seeds of both the row and the baseline. Rows equal to the baseline seed for seed "
+               "(the shared round-0 classifier) are left out.", "",
+               markdown_table([*titles, "split", "round", "stage", "Δ mIoU points (paired)", "n seeds",
+                               "beyond spread"], delta_table), ""]
     io.write_text(out / "bench.md", "\n".join(md))
     buffer = _io.StringIO()
     writer = csv.writer(buffer)
@@ -226,7 +282,11 @@ def write_tables(spec: dict[str, Any], records: list[dict[str, Any]], out: Path)
                          r["protocol"].get("threshold"), r["protocol"].get("ignore_index"),
                          f"{r['seconds_mean']:.2f}", f"{r['peak_rss_mb_max']:.1f}"])
     io.write_text(out / "bench.csv", buffer.getvalue())
-    io.write_json(out / "bench.json", {"name": spec["name"], "spec": spec, "rows": rows})
+    io.write_json(out / "bench.json", {"name": spec["name"], "spec": spec, "rows": rows,
+                                       "deltas": [{k: v for k, v in d.items() if k not in ("row", "baseline")}
+                                                  | {"split": d["row"]["split"], "group": d["row"]["group"],
+                                                     "round": d["row"]["round"], "stage": d["row"]["stage"]}
+                                                  for d in deltas]})
     io.write_text(out / "bench.tex", latex_table(titles, axes, rows))
     return {"rows": rows, "out": str(out), "markdown": "\n".join(md)}
 
