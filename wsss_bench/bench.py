@@ -97,22 +97,50 @@ def expand(spec: dict[str, Any]) -> list[Cell]:
     return cells
 
 
+# Starts `wsss` in the cell process and, at exit, writes the process's own peak resident size.
+# The rusage of a child (ru_maxrss) is no good here: Linux carries the high-water mark of the
+# address space replaced by exec, i.e. of this (already large) bench process, into the child's
+# figure.  VmHWM belongs to the cell's own address space.
+_CELL_BOOT = """
+import atexit, os, runpy, sys
+def _write_peak():
+    try:
+        with open('/proc/self/status') as status:
+            peak = next(line.split()[1] for line in status if line.startswith('VmHWM:'))
+        with open(os.environ['WSSS_BENCH_PEAK_FILE'], 'w') as out:
+            out.write(peak)
+    except (OSError, StopIteration):
+        pass
+atexit.register(_write_peak)
+sys.argv[0] = 'wsss'
+runpy.run_module('wsss_bench.cli.main', run_name='__main__', alter_sys=True)
+"""
+
+
 def _run_cell(cell: Cell, cell_dir: Path, store: Path, quiet: bool) -> dict[str, Any]:
     """Run one cell in a child process; returns its wall time and peak memory."""
     config_file = cell_dir / "cell-config.yaml"
     io.write_yaml(config_file, cell.config)
-    cmd = [sys.executable, "-m", "wsss_bench.cli.main", "run", "--config", str(config_file),
+    peak_file = cell_dir / ".peak-rss-kb"
+    peak_file.unlink(missing_ok=True)
+    cmd = [sys.executable, "-c", _CELL_BOOT, "run", "--config", str(config_file),
            "--out", str(cell_dir), "--resume", "--cache-dir", str(store), "--quiet"]
     start = time.perf_counter()
     log = open(cell_dir / "cell.log", "ab")
     try:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "WSSS_BENCH_PEAK_FILE": str(peak_file)})
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
     finally:
         log.close()
+    try:
+        peak_kb, source = float(peak_file.read_text()), "VmHWM"
+        peak_file.unlink()
+    except (OSError, ValueError):  # no /proc (macOS): the rusage figure, an upper bound
+        peak_kb, source = usage.ru_maxrss, "ru_maxrss"
     return {"returncode": proc.returncode, "seconds": time.perf_counter() - start,
-            "peak_rss_mb": usage.ru_maxrss / 1024.0}
+            "peak_rss_mb": peak_kb / 1024.0, "peak_rss_source": source}
 
 
 def run_bench(path: Path, out: Optional[Path] = None, quiet: bool = False,
