@@ -11,7 +11,9 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from wsss_bench.cli.cmd_export import export_masks, register, voc_colormap
+from wsss_bench.cli.cmd_export import DEFAULT_THRESHOLD as CLI_DEFAULT_THRESHOLD
+from wsss_bench.cli.cmd_export import register
+from wsss_bench.evaluation.pseudo_masks import DEFAULT_THRESHOLD, export_masks, voc_colormap
 from wsss_bench.cli.common import WsssGroup
 from wsss_bench.data.voc import open_split, read_mask
 from wsss_bench.errors import CamFileError, ConfigError
@@ -227,3 +229,7 @@ def test_export_stops_on_invalid_cam_without_partial_file(tiny_voc: Path, tmp_pa
     with pytest.raises(CamFileError, match="img_002.npz: maps must be normalised"):
         export_masks(cams, open_split(tiny_voc, "train"), out)
     assert sorted(p.name for p in out.iterdir()) == ["img_000.png", "img_001.png"]
+
+
+def test_cli_and_library_share_the_default_threshold() -> None:
+    assert CLI_DEFAULT_THRESHOLD == DEFAULT_THRESHOLD == 0.15
