@@ -16,6 +16,7 @@ Usage::
     python benchmarks/clustering.py --quick        # ~10% of the rows, 512 dims, no slow ones
     python benchmarks/clustering.py                # full size, every clusterer (minutes)
     python benchmarks/clustering.py --only kmeans torch-kmeans
+    python benchmarks/clustering.py --scaling --quick   # time vs N and K (k-means, torch-kmeans)
 """
 
 from __future__ import annotations
@@ -235,6 +236,42 @@ class _RawSklearnKMeans:
         return labels
 
 
+def run_scaling(args: argparse.Namespace) -> int:
+    """How wall time grows with N (rows of one class) and with K, for the reference k-means
+    and the device k-means: two small tables."""
+    clusterers = collect_clusterers()
+    names = list(args.only) if args.only else [REFERENCE, "torch-kmeans"]
+
+    def seconds(name: str, features: np.ndarray, k: int) -> float:
+        factory, _, _ = clusterers[name]
+        model = factory()
+        best = float("inf")
+        for _ in range(max(1, args.repeat)):
+            start = time.perf_counter()
+            model.fit_predict(features, k, args.seed)
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    print(f"{thread_report()}; {args.dim} dims")
+    warm = make_class_features(200, args.dim, 1, args.seed)
+    for name in names:  # first calls pay for library set-up (thread pools, kernels)
+        clusterers[name][0]().fit_predict(warm, 4, args.seed)
+    base_n, base_k = 2000, args.k
+    print(f"\nK = {base_k}, growing N\n")
+    print("| N | " + " | ".join(f"{n} (s)" for n in names) + " |")
+    print("|---|" + "---|" * len(names))
+    for n in (500, 1000, 2000, 4000):
+        feats = make_class_features(n, args.dim, 0, args.seed)
+        print(f"| {n} | " + " | ".join(f"{seconds(name, feats, base_k):.2f}" for name in names) + " |")
+    print(f"\nN = {base_n}, growing K\n")
+    print("| K | " + " | ".join(f"{n} (s)" for n in names) + " |")
+    print("|---|" + "---|" * len(names))
+    feats = make_class_features(base_n, args.dim, 0, args.seed)
+    for k in (5, 10, 20, 40):
+        print(f"| {k} | " + " | ".join(f"{seconds(name, feats, k):.2f}" for name in names) + " |")
+    return 0
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -267,6 +304,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="time each (class, clusterer) run this many times and keep the fastest",
     )
     parser.add_argument("--verbose", "-v", action="store_true", help="print per-class times")
+    parser.add_argument("--scaling", action="store_true",
+                        help="time k-means and torch-kmeans for growing N and K instead (one class)")
     parser.add_argument(
         "--with-f32-baseline",
         action="store_true",
@@ -282,7 +321,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point."""
-    return run_benchmark(parse_args(argv))
+    args = parse_args(argv)
+    return run_scaling(args) if args.scaling else run_benchmark(args)
 
 
 if __name__ == "__main__":

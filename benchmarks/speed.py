@@ -307,6 +307,11 @@ def main() -> None:
                      "MB": peak_memory_child("resnet38d", {}, size)})
 
     model = make_model("resnet38d", small)
+    for count in (1, 4, 16) if args.quick else (1, 8, 32):
+        batch = [random_image(96, 96, seed=i) for i in range(count)]
+        t = timeit(lambda: [image_cams(model, im, [0, 1], SCALES, True, torch.device("cpu")) for im in batch], repeat=1)
+        rows.append({"stage": "scaling: CAM inference w=0.125, 96x96", "variant": f"{count} images",
+                     "s": t, "s/image": t / count})
     for side in (64, 128, 256) if args.quick else (64, 128, 256, 512):
         t = timeit(lambda: image_cams(model, random_image(side, side), [0, 1], SCALES, True, torch.device("cpu")), repeat=1)
         rows.append({"stage": "scaling: CAM inference w=0.125", "variant": f"{side}x{side}", "s/image": t})
