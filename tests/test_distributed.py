@@ -70,18 +70,24 @@ def test_two_process_cams_equal_one_process(tiny_voc: Path, checkpoint: Path, tm
                                    for line in one.output.splitlines() if "mIoU" in line)
 
 
-def test_two_process_run_trains_and_scores(tiny_voc: Path, tmp_path: Path) -> None:
+def test_two_process_subcat_run_trains_clusters_and_scores(tiny_voc: Path, tmp_path: Path) -> None:
+    # SC-CAM end to end: two DDP trainings, features and clustering on rank 0, sharded CAMs.
     out = tmp_path / "run"
-    torchrun(["run", "--method", "cam", "--out", str(out), *_common(tiny_voc),
-              "--set", "train.epochs=2", "--set", "train.batch_size=4", "--set", "train.crop_size=32",
-              "--set", "train.resize_long=[32, 48]", "--set", "dataset.eval_splits=[val]"])
+    two = torchrun(["run", "--method", "subcat", "--out", str(out), *_common(tiny_voc),
+                    "--set", "method.options={rounds: 1, k: 2}",
+                    "--set", "train.epochs=2", "--set", "train.batch_size=4", "--set", "train.crop_size=32",
+                    "--set", "train.resize_long=[32, 48]", "--set", "dataset.eval_splits=[val]"])
+    assert two.stdout.count("run directory:") == 1
     results = json.loads((out / "results.json").read_text())
     assert np.isfinite(results["miou"]["val"])
-    losses = results["extra"]["training"]["round0"]["losses"]
-    assert len(losses) == 2 and all(np.isfinite(v) for epoch in losses for v in epoch.values())
-    ckpt = checkpoints.read_checkpoint(out / "checkpoints" / "round0.pth")
-    assert ckpt["meta"]["tag"] == "round0"
-    assert len(list((out / "cams" / "round0" / "val").glob("*.npz"))) == 4
+    assert sorted({r["round"] for r in results["rows"]}) == [0, 1]
+    for tag in ("round0", "round1"):
+        losses = results["extra"]["training"][tag]["losses"]
+        assert len(losses) == 2 and all(np.isfinite(v) for epoch in losses for v in epoch.values())
+        assert checkpoints.read_checkpoint(out / "checkpoints" / f"{tag}.pth")["meta"]["tag"] == tag
+        assert len(list((out / "cams" / tag / "val").glob("*.npz"))) == 4
+    assignment = np.load(out / "subcategories" / "round1.npy", allow_pickle=False)
+    assert assignment.shape == (8, 3) and assignment.max() < 2
     assert not list(out.rglob("*.state.pth"))  # the resume file is gone once training ends
 
 
