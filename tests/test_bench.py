@@ -38,6 +38,13 @@ def test_expand_validates_every_cell(tmp_path: Path, tiny_voc: Path) -> None:
     bad = bench_file(tmp_path, tiny_voc, "  train.epochs: [0]\n")
     with pytest.raises(ConfigError, match="train.epochs"):
         expand(load_bench(bad))
+    # Plugin options are checked before any cell runs, and a component given as a mapping does
+    # not inherit the options of the base config's (different) component.
+    typo = bench_file(tmp_path, tiny_voc, "  backbone: [{name: resnet38d, options: {widht: 0.5}}]\n")
+    with pytest.raises(ConfigError, match="widht"):
+        expand(load_bench(typo))
+    other = bench_file(tmp_path, tiny_voc, "  backbone: [{name: 'timm:resnet18', options: {output_stride: 16}}]\n")
+    assert expand(load_bench(other))[0].config["backbone"]["options"] == {"output_stride": 16}
 
 
 def test_unknown_bench_key(tmp_path: Path) -> None:

@@ -54,6 +54,13 @@ def test_missing_config_file() -> None:
 def test_switching_component_drops_its_options() -> None:
     cfg = load_config(overrides=[{"backbone": {"name": "timm:resnet18"}}])
     assert cfg.backbone.name == "timm:resnet18" and cfg.backbone.options == {}
+    # ...also when the new component brings options of its own (a bench axis such as
+    # {name: timm:resnet18, options: {output_stride: 16}} over ResNet-38's width/freeze_bn).
+    cfg = load_config(overrides=[{"backbone": {"name": "timm:resnet18", "options": {"output_stride": 16}}}])
+    assert cfg.backbone.options == {"output_stride": 16}
+    # The same component keeps its options and merges new ones.
+    cfg = load_config(overrides=[{"backbone": {"name": "resnet38d", "options": {"width": 0.25}}}])
+    assert cfg.backbone.options["width"] == 0.25 and "freeze_bn" in cfg.backbone.options
 
 
 def test_override_syntax() -> None:

@@ -35,7 +35,8 @@ import numpy as np
 
 from . import io
 from .config import deep_merge, load_config, parse_override, read_yaml_file
-from .errors import ConfigError
+from .errors import ConfigError, UserError
+from .runner import validate_plugins
 from .evaluation.tables import markdown_table, pct
 
 BENCH_KEYS = {"name", "preset", "base", "matrix", "labels", "description"}
@@ -88,6 +89,11 @@ def expand(spec: dict[str, Any]) -> list[Cell]:
         for key, value in values.items():
             layer = deep_merge(layer, parse_override(f"{key}={json.dumps(value)}"))
         config = load_config(spec.get("preset"), None, [layer])  # validates now, not mid-bench
+        try:
+            # Plugin names and options too (the backbone is built on the meta device: no cost).
+            validate_plugins(config)
+        except UserError as exc:
+            raise ConfigError(f"bench cell {values}: {exc}") from None
         cells.append(Cell(values, config.to_dict()))
     slugs = [c.slug for c in cells]
     duplicates = sorted({s for s in slugs if slugs.count(s) > 1})

@@ -197,14 +197,16 @@ def read_yaml_file(path: Path) -> dict[str, Any]:
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     """Merge ``override`` into a copy of ``base``; mappings merge, everything else replaces.
 
-    A layer that names a different component (``name``) without giving its ``options`` drops
-    the options of the component it replaces: they were written for that other plugin.
+    A layer that names a different component (``name``) drops the options of the component it
+    replaces, whether or not it gives options of its own: they were written for that other
+    plugin (``{name: timm:resnet18, options: {output_stride: 16}}`` over a ResNet-38 with a
+    ``width`` option must not inherit ``width``).
     """
     out = copy.deepcopy(base)
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             previous = out[key]
-            if "name" in value and value["name"] != previous.get("name") and "options" not in value:
+            if "name" in value and value["name"] != previous.get("name"):
                 previous = {k: v for k, v in previous.items() if k != "options"}
             out[key] = deep_merge(previous, value)
         else:
