@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +86,24 @@ def test_bench_runs_shares_and_skips(tmp_path: Path, tiny_voc: Path) -> None:
     # a second invocation skips every finished cell
     again = runner.invoke(cli, ["bench", str(path), "--out", str(out)])
     assert again.exit_code == 0 and again.output.count("done, skipped") == 4
+
+
+def test_parallel_cells_give_the_same_tables(tmp_path: Path, tiny_voc: Path) -> None:
+    # --jobs 2: two seeds at once, one thread each; cells of one seed still run in turn, so the
+    # subcat cell of a seed reuses (not retrains) the cam cell's classifier.
+    path = bench_file(tmp_path, tiny_voc, "  method: [{name: cam}, {name: subcat, options: {rounds: 1, k: 2}}]\n"
+                      "  seed: [0, 1]\n")
+    out = tmp_path / "parallel"
+    result = CliRunner().invoke(cli, ["bench", str(path), "--out", str(out), "--jobs", "2"])
+    assert result.exit_code == 0, result.output
+    for seed in (0, 1):
+        manifest = json.loads((out / f"cells/method-subcat__seed-{seed}/manifest.json").read_text())
+        train0 = next(s for s in manifest["stages"] if s["name"] == "train:round0")
+        assert train0["reused"] is True
+        assert manifest["environment"]["threads"] == max(1, (os.cpu_count() or 1) // 2)
+    data = json.loads((out / "bench.json").read_text())
+    assert {r["n"] for r in data["rows"]} == {2}
+    assert CliRunner().invoke(cli, ["bench", str(path), "--out", str(out), "--jobs", "0"]).exit_code == 2
 
 
 def test_paired_deltas_pair_by_seed_and_flag_separation() -> None:

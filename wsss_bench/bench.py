@@ -123,71 +123,137 @@ runpy.run_module('wsss_bench.cli.main', run_name='__main__', alter_sys=True)
 """
 
 
-def _run_cell(cell: Cell, cell_dir: Path, store: Path, quiet: bool) -> dict[str, Any]:
-    """Run one cell in a child process; returns its wall time and peak memory."""
+@dataclass
+class _Running:
+    """A cell whose process is running."""
+
+    number: int
+    cell: Cell
+    cell_dir: Path
+    proc: subprocess.Popen
+    log: Any
+    started: float
+
+
+def _start_cell(number: int, cell: Cell, cell_dir: Path, store: Path, threads: Optional[int]) -> _Running:
+    """Start one cell's ``wsss run`` in a child process."""
     config_file = cell_dir / "cell-config.yaml"
     io.write_yaml(config_file, cell.config)
     peak_file = cell_dir / ".peak-rss-kb"
     peak_file.unlink(missing_ok=True)
     cmd = [sys.executable, "-c", _CELL_BOOT, "run", "--config", str(config_file),
            "--out", str(cell_dir), "--resume", "--cache-dir", str(store), "--quiet"]
-    start = time.perf_counter()
+    env = {**os.environ, "WSSS_BENCH_PEAK_FILE": str(peak_file)}
+    if threads is not None:  # parallel cells share the cores instead of oversubscribing them
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     log = open(cell_dir / "cell.log", "ab")
     try:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, "WSSS_BENCH_PEAK_FILE": str(peak_file)})
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    finally:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    except BaseException:
         log.close()
+        raise
+    return _Running(number, cell, cell_dir, proc, log, time.perf_counter())
+
+
+def _finish_cell(running: _Running, status: int, usage: Any) -> dict[str, Any]:
+    """Wall time and peak memory of a cell whose process ended."""
+    running.log.close()
+    running.proc.returncode = os.waitstatus_to_exitcode(status)
+    peak_file = running.cell_dir / ".peak-rss-kb"
     try:
         peak_kb, source = float(peak_file.read_text()), "VmHWM"
         peak_file.unlink()
     except (OSError, ValueError):  # no /proc (macOS): the rusage figure, an upper bound
         peak_kb, source = usage.ru_maxrss, "ru_maxrss"
-    return {"returncode": proc.returncode, "seconds": time.perf_counter() - start,
+    return {"returncode": running.proc.returncode, "seconds": time.perf_counter() - running.started,
             "peak_rss_mb": peak_kb / 1024.0, "peak_rss_source": source}
+
+
+def _seed_of(cell: Cell) -> Any:
+    return cell.config.get("seed")
 
 
 def run_bench(path: Path, out: Optional[Path] = None, quiet: bool = False,
               echo: Any = print, store: Optional[Path] = None,
-              tables_only: bool = False) -> dict[str, Any]:
+              tables_only: bool = False, jobs: int = 1) -> dict[str, Any]:
     """Run (or continue) a bench and write its tables; returns the aggregate.
 
     ``tables_only`` runs nothing: it aggregates the cells finished so far.
 
     ``store`` (default ``OUT/store``) may be shared by several benches, so that e.g. the
     baseline classifiers of one bench serve another.
+
+    ``jobs > 1`` runs that many cells at once, each with ``cpu_count // jobs`` threads (on a
+    small CPU, single-threaded processes side by side get more done than one process with
+    every thread).  Cells of one seed never run at the same time: they share the stages of
+    that seed (the baseline classifier, its features), which the first computes and the
+    next ones take from the store.
     """
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1, got {jobs}")
     spec = load_bench(path)
     cells = expand(spec)
     out = Path(out or Path("runs") / f"bench-{spec['name']}")
     (out / "cells").mkdir(parents=True, exist_ok=True)
     store = Path(store) if store is not None else out / "store"
     io.write_yaml(out / "bench.yaml", spec)
-    records = []
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+    pending: list[tuple[int, Cell]] = []
     for number, cell in enumerate(cells, 1):
-        cell_dir = out / "cells" / cell.slug
-        results_file = cell_dir / "results.json"
-        meta_file = cell_dir / "cell.json"
-        done = results_file.is_file() and meta_file.is_file() and \
+        meta_file = out / "cells" / cell.slug / "cell.json"
+        done = (meta_file.parent / "results.json").is_file() and meta_file.is_file() and \
             json.loads(meta_file.read_text()).get("config") == cell.config
-        if not done and tables_only:
-            echo(f"[{number}/{len(cells)}] {cell.slug}: not finished, left out of the tables")
-            continue
-        if not done:
-            cell_dir.mkdir(parents=True, exist_ok=True)
-            echo(f"[{number}/{len(cells)}] {cell.slug}")
-            meta = _run_cell(cell, cell_dir, store, quiet)
-            if meta["returncode"] != 0 or not results_file.is_file():
-                tail = (cell_dir / "cell.log").read_text(errors="replace").strip().splitlines()[-1:]
-                raise ConfigError(f"bench cell {cell.slug} failed (exit {meta['returncode']}): "
-                                  f"{tail[0] if tail else 'no output'}; see {cell_dir / 'cell.log'}")
-            io.write_json(meta_file, {"config": cell.config, "values": cell.values, **meta})
-        else:
+        if done:
             echo(f"[{number}/{len(cells)}] {cell.slug}: done, skipped")
-        meta = json.loads(meta_file.read_text())
-        records.append({"cell": cell, "results": json.loads(results_file.read_text()), "meta": meta})
+        elif tables_only:
+            echo(f"[{number}/{len(cells)}] {cell.slug}: not finished, left out of the tables")
+        else:
+            pending.append((number, cell))
+    running: dict[int, _Running] = {}
+    failure: Optional[str] = None
+    try:
+        while pending or running:
+            while failure is None and len(running) < jobs:
+                busy = {_seed_of(r.cell) for r in running.values()}
+                pick = next((i for i, (_, c) in enumerate(pending) if _seed_of(c) not in busy), None)
+                if pick is None:
+                    break
+                number, cell = pending.pop(pick)
+                cell_dir = out / "cells" / cell.slug
+                cell_dir.mkdir(parents=True, exist_ok=True)
+                echo(f"[{number}/{len(cells)}] {cell.slug}")
+                job = _start_cell(number, cell, cell_dir, store, threads)
+                running[job.proc.pid] = job
+            if not running:
+                break
+            pid, status, usage = os.wait4(-1, 0)
+            job = running.pop(pid, None)
+            if job is None:
+                continue  # not one of ours
+            meta = _finish_cell(job, status, usage)
+            results_file = job.cell_dir / "results.json"
+            if meta["returncode"] != 0 or not results_file.is_file():
+                tail = (job.cell_dir / "cell.log").read_text(errors="replace").strip().splitlines()[-1:]
+                failure = failure or (f"bench cell {job.cell.slug} failed (exit {meta['returncode']}): "
+                                      f"{tail[0] if tail else 'no output'}; see {job.cell_dir / 'cell.log'}")
+                continue  # let the running cells finish (they resume anyway), start no new ones
+            io.write_json(job.cell_dir / "cell.json", {"config": job.cell.config, "values": job.cell.values, **meta})
+    except BaseException:
+        for job in running.values():  # Ctrl-C or a crash here: do not leave orphans behind
+            job.proc.terminate()
+            job.proc.wait()
+            job.log.close()
+        raise
+    if failure is not None:
+        raise ConfigError(failure)
+    records = []
+    for cell in cells:
+        cell_dir = out / "cells" / cell.slug
+        meta_file, results_file = cell_dir / "cell.json", cell_dir / "results.json"
+        if meta_file.is_file() and results_file.is_file() and \
+                json.loads(meta_file.read_text()).get("config") == cell.config:
+            records.append({"cell": cell, "results": json.loads(results_file.read_text()),
+                            "meta": json.loads(meta_file.read_text())})
     return write_tables(spec, records, out)
 
 

@@ -14,8 +14,11 @@ import click
 @click.option("--cache-dir", type=click.Path(path_type=Path),
               help="Stage cache shared with other benches/runs (default OUT/store).")
 @click.option("--tables-only", is_flag=True, help="Run nothing; aggregate the cells finished so far.")
+@click.option("--jobs", "-j", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Cells run at once, each with CPU cores / JOBS threads; cells of one seed "
+                   "run one after another (they share that seed's stages).")
 def bench_command(bench_file: Path, out: Optional[Path], dry_run: bool, cache_dir: Optional[Path],
-                  tables_only: bool) -> None:
+                  tables_only: bool, jobs: int) -> None:
     """Run every cell of a bench matrix (skipping finished ones) and aggregate over seeds."""
     from ..bench import expand, load_bench, run_bench
 
@@ -24,7 +27,7 @@ def bench_command(bench_file: Path, out: Optional[Path], dry_run: bool, cache_di
             click.echo(cell.slug)
         return
     summary = run_bench(bench_file, out, echo=lambda m: click.echo(m, err=True), store=cache_dir,
-                        tables_only=tables_only)
+                        tables_only=tables_only, jobs=jobs)
     click.echo(summary["markdown"])
     click.echo(f"bench folder: {summary['out']}")
 
