@@ -164,7 +164,7 @@ def _miou(maps: list[np.ndarray], gts: list[np.ndarray], keys: list[int]) -> flo
     return float(scores_from_confusion(acc.compute())["miou"])
 
 
-def eval_rows(quick: bool, rows: list[dict[str, Any]]) -> None:
+def eval_section(quick: bool, rows: list[dict[str, Any]]) -> None:
     """Confusion accumulation (one threshold) and the threshold sweep, against numpy bincount."""
     rng = np.random.default_rng(0)
     n_img, (w, h) = (8, (250, 188)) if quick else (32, (500, 375))
@@ -350,10 +350,6 @@ def train_section(quick: bool, rows: list[dict[str, Any]]) -> None:
     with torch.no_grad():
         feats_t = timeit(lambda: [model.pooled_features(torch.randn(1, 3, 96, 96)) for _ in range(16)])
     rows.append({"stage": "feature extraction w=0.125 96px b1", "variant": "fp32", "images/s": 16 / feats_t})
-
-
-def eval_section(quick: bool, rows: list[dict[str, Any]]) -> None:
-    eval_rows(quick, rows)
 
 
 def memory_section(quick: bool, rows: list[dict[str, Any]]) -> None:

@@ -127,7 +127,6 @@ runpy.run_module('wsss_bench.cli.main', run_name='__main__', alter_sys=True)
 class _Running:
     """A cell whose process is running."""
 
-    number: int
     cell: Cell
     cell_dir: Path
     proc: subprocess.Popen
@@ -135,7 +134,7 @@ class _Running:
     started: float
 
 
-def _start_cell(number: int, cell: Cell, cell_dir: Path, store: Path, threads: Optional[int]) -> _Running:
+def _start_cell(cell: Cell, cell_dir: Path, store: Path, threads: Optional[int]) -> _Running:
     """Start one cell's ``wsss run`` in a child process."""
     config_file = cell_dir / "cell-config.yaml"
     io.write_yaml(config_file, cell.config)
@@ -152,7 +151,7 @@ def _start_cell(number: int, cell: Cell, cell_dir: Path, store: Path, threads: O
     except BaseException:
         log.close()
         raise
-    return _Running(number, cell, cell_dir, proc, log, time.perf_counter())
+    return _Running(cell, cell_dir, proc, log, time.perf_counter())
 
 
 def _finish_cell(running: _Running, status: int, usage: Any) -> dict[str, Any]:
@@ -171,6 +170,15 @@ def _finish_cell(running: _Running, status: int, usage: Any) -> dict[str, Any]:
 
 def _seed_of(cell: Cell) -> Any:
     return cell.config.get("seed")
+
+
+def _finished_meta(cell_dir: Path, cell: Cell) -> Optional[dict[str, Any]]:
+    """The ``cell.json`` of a cell that finished with exactly this config, else ``None``."""
+    meta_file = cell_dir / "cell.json"
+    if not (meta_file.is_file() and (cell_dir / "results.json").is_file()):
+        return None
+    meta = json.loads(meta_file.read_text())
+    return meta if meta.get("config") == cell.config else None
 
 
 def run_bench(path: Path, out: Optional[Path] = None, quiet: bool = False,
@@ -200,10 +208,7 @@ def run_bench(path: Path, out: Optional[Path] = None, quiet: bool = False,
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
     pending: list[tuple[int, Cell]] = []
     for number, cell in enumerate(cells, 1):
-        meta_file = out / "cells" / cell.slug / "cell.json"
-        done = (meta_file.parent / "results.json").is_file() and meta_file.is_file() and \
-            json.loads(meta_file.read_text()).get("config") == cell.config
-        if done:
+        if _finished_meta(out / "cells" / cell.slug, cell) is not None:
             echo(f"[{number}/{len(cells)}] {cell.slug}: done, skipped")
         elif tables_only:
             echo(f"[{number}/{len(cells)}] {cell.slug}: not finished, left out of the tables")
@@ -222,7 +227,7 @@ def run_bench(path: Path, out: Optional[Path] = None, quiet: bool = False,
                 cell_dir = out / "cells" / cell.slug
                 cell_dir.mkdir(parents=True, exist_ok=True)
                 echo(f"[{number}/{len(cells)}] {cell.slug}")
-                job = _start_cell(number, cell, cell_dir, store, threads)
+                job = _start_cell(cell, cell_dir, store, threads)
                 running[job.proc.pid] = job
             if not running:
                 break
@@ -249,11 +254,10 @@ def run_bench(path: Path, out: Optional[Path] = None, quiet: bool = False,
     records = []
     for cell in cells:
         cell_dir = out / "cells" / cell.slug
-        meta_file, results_file = cell_dir / "cell.json", cell_dir / "results.json"
-        if meta_file.is_file() and results_file.is_file() and \
-                json.loads(meta_file.read_text()).get("config") == cell.config:
-            records.append({"cell": cell, "results": json.loads(results_file.read_text()),
-                            "meta": json.loads(meta_file.read_text())})
+        meta = _finished_meta(cell_dir, cell)
+        if meta is not None:
+            records.append({"cell": cell, "results": json.loads((cell_dir / "results.json").read_text()),
+                            "meta": meta})
     return write_tables(spec, records, out)
 
 
@@ -316,11 +320,11 @@ def paired_deltas(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         base = baselines[r["split"]]
         if r is base:
             continue
-        pairs = [(a, b) for s, a in zip(r["seeds"], r["mious"]) for t, b in zip(base["seeds"], base["mious"])
-                 if s == t and s is not None]
-        if not pairs:
+        base_by_seed = {s: m for s, m in zip(base["seeds"], base["mious"]) if s is not None}
+        diffs = [m - base_by_seed[s] for s, m in zip(r["seeds"], r["mious"]) if s in base_by_seed]
+        if not diffs:
             continue
-        diff = np.array([a - b for a, b in pairs])
+        diff = np.array(diffs)
         if not diff.any():
             continue  # the baseline itself (e.g. the round-0 classifier every cell shares)
         gap = abs(r["miou_mean"] - base["miou_mean"])

@@ -24,9 +24,9 @@ from . import checkpoints, io
 from .components import create_backbone, create_clusterer
 from .config import RunConfig
 from .data.voc import VOCDataset
+from .distributed import Distributed
 from .engine.cams import CamFunction, extract_features, infer_split
 from .engine.model import PARENT, Classifier
-from .distributed import Distributed
 from .engine.train import train_classifier
 from .errors import ConfigError, WeightsError
 from .evaluation.evaluate import evaluate_cams, result_row
@@ -168,8 +168,12 @@ class MethodContext:
         path = self.checkpoint_path(tag)
         stored = self._stored("checkpoints", key, ".pth")
         forced = self.forced(f"train:{tag}")
-        if stored is not None and stored.is_file() and not path.is_file() and not forced and self.job.is_main:
-            link_file(stored, path)
+        state_file = path.with_suffix(".state.pth")
+        if self.job.is_main:
+            if stored is not None and stored.is_file() and not path.is_file() and not forced:
+                link_file(stored, path)
+            if forced:
+                state_file.unlink(missing_ok=True)  # our own resume file: start the stage afresh
         self.job.barrier()  # every process now sees the same files and takes the same branch
         started = time.perf_counter()
         inputs = {"digest": key, "images": len(self.train_set.ids), "heads": model.describe()}
@@ -180,10 +184,6 @@ class MethodContext:
                 checkpoints.load_into(model, found["state_dict"], str(path))
                 self.record(f"train:{tag}", inputs, [path], started, reused=True)
                 return path
-        state_file = path.with_suffix(".state.pth")
-        if forced and self.job.is_main:
-            state_file.unlink(missing_ok=True)  # our own resume file: start the stage afresh
-        self.job.barrier()
         train_log = train_classifier(model, self.train_set, cfg, self.device, self.config.seed + seed_offset,
                                      extra_targets, loss_weights, self.show_progress, tag,
                                      state_file=state_file, state_key=key, job=self.job)
@@ -248,10 +248,13 @@ class MethodContext:
         model_key = checkpoints.state_digest(model)
         rows = [self._split_cams(model, tag, head, split, dataset, stage, model_key, row, cam_fn)
                 for split, dataset in self.eval_sets.items()]
-        self.job.on_main(lambda: self.add_threshold_policies(rows, stage))
-        if self.job.enabled:
-            rows[:] = self.job.broadcast(rows)  # the policies were attached on rank 0
-        return rows
+
+        def with_policies() -> list[dict[str, Any]]:
+            self.add_threshold_policies(rows, stage)
+            return rows
+
+        # Rank 0 attaches the policies; every process gets its rows back.
+        return self.job.on_main(with_policies)
 
     def _split_cams(self, model: Classifier, tag: str, head: str, split: str, dataset: VOCDataset,
                     stage: str, model_key: str, row: Optional[dict[str, Any]],
@@ -360,8 +363,6 @@ def link_tree(source: Path, target: Path) -> None:
     for path in source.glob("*.npz"):
         if not (target / path.name).is_file():
             link_file(path, target / path.name)
-
-
 
 
 MethodRunner = Callable[[MethodContext], dict[str, Any]]

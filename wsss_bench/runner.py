@@ -140,7 +140,8 @@ def run(config: RunConfig, out_dir: Optional[Path] = None, resume: bool = False,
     run_dir = Path(out_dir) if out_dir else job.broadcast(default_run_dir(config))
     ctx = make_context(config, run_dir, resume, store=store, force=force)
     run_dir, device, eval_sets = ctx.run_dir, ctx.device, ctx.eval_sets
-    io.write_yaml(run_dir / "config.yaml", config.to_dict())
+    if job.is_main:
+        io.write_yaml(run_dir / "config.yaml", config.to_dict())
     log.info("run %s: method %s, backbone %s, %d training images, device %s", run_dir,
              config.method.name, config.backbone.name, len(ctx.train_set.ids), device)
     outcome = method.factory(**method_options).run(ctx)

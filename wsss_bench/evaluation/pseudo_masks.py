@@ -26,8 +26,7 @@ from ..errors import ConfigError, DataError
 from ..progress import progress_bar
 from .camfiles import check_cam_dir, read_cam
 from .miou import cams_to_labels
-
-DEFAULT_THRESHOLD = 0.15
+from .thresholds import DEFAULT_THRESHOLD
 
 
 def voc_colormap(count: int = 256) -> np.ndarray:
