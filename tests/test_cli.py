@@ -99,6 +99,24 @@ def test_eval_refuses_bad_cam_files(tiny_voc: Path, tmp_path: Path) -> None:
                       "no CAM file for 1 of 4")
 
 
+def test_eval_scores_the_prefix_a_limited_run_inferred(tiny_voc: Path, tmp_path: Path) -> None:
+    cams = tmp_path / "cams"
+    cams.mkdir()
+    for i in (8, 9):   # what a run with dataset.max_images=2 writes for the 4-image val split
+        write_cam(cams / f"img_{i:03d}.npz", np.array([0]), np.zeros((1, 32, 40), np.float32))
+    args = ["eval", "--cams", str(cams), "--data-root", str(tiny_voc), "--split", "val"]
+    assert_user_error(invoke(*args), "the first 2 are there (--max-images 2 scores them)")
+    result = invoke(*args, "--max-images", "2", "--out", str(tmp_path / "ev"))
+    assert result.exit_code == 0, result.output
+    scored = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert scored["rows"][0]["num_images"] == 2
+    # a hole in the middle is not a prefix: no hint, and --max-images does not hide it
+    (cams / "img_008.npz").unlink()
+    result = invoke(*args, "--max-images", "2")
+    assert_user_error(result, "no CAM file for 1 of 2")
+    assert "--max-images" not in result.output
+
+
 def test_device_errors() -> None:
     import torch
 

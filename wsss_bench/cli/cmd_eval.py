@@ -17,17 +17,20 @@ from ..evaluation.tables import results_markdown
 @click.option("--split", default="train", show_default=True, help="Split list to score.")
 @click.option("--threshold", default=0.15, show_default=True, type=click.FloatRange(0, 1), help="Constant background score.")
 @click.option("--labels", "labels_file", type=click.Path(path_type=Path), help="Image-level labels JSON (else from masks).")
+@click.option("--max-images", type=click.IntRange(min=1),
+              help="Score only the split's first N images (as a run with dataset.max_images=N).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), help="Write results.json and results.md here.")
 def eval_command(cam_dir: Path, data_root: Path, split: str, threshold: float,
-                 labels_file: Optional[Path], device: str, out: Optional[Path]) -> None:
+                 labels_file: Optional[Path], max_images: Optional[int], device: str,
+                 out: Optional[Path]) -> None:
     """Score CAM files against ground-truth masks (mIoU, per-class IoU)."""
     from ..device import resolve_device
     from ..evaluation.evaluate import evaluate_cams, result_row
     from ..data.voc import open_split
 
     start = time.perf_counter()
-    dataset = open_split(data_root, split, labels_file)
+    dataset = open_split(data_root, split, labels_file).subset(max_images)
     dev = resolve_device(device)
     result = evaluate_cams(cam_dir, dataset, threshold, dev)
     row = result_row(result, "eval", "parent", cam_dir)

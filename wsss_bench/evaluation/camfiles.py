@@ -74,5 +74,9 @@ def check_cam_dir(cam_dir: Path, ids: list[str], split: str) -> None:
         raise CamFileError(f"{cam_dir}: CAM folder not found")
     missing = [i for i in ids if not (cam_dir / f"{i}.npz").is_file()]
     if missing:
+        # A run limited by dataset.max_images inferred a prefix of the split: say how to score it.
+        present = len(ids) - len(missing)
+        hint = (f"; the first {present} are there (--max-images {present} scores them)"
+                if present and missing == ids[present:] else "")
         raise CamFileError(f"{cam_dir}: no CAM file for {len(missing)} of {len(ids)} images "
-                           f"of split {split!r} (first: {missing[0]}.npz)")
+                           f"of split {split!r} (first: {missing[0]}.npz){hint}")

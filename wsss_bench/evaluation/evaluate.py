@@ -69,11 +69,16 @@ def evaluate_cams(cam_dir: Path, dataset: VOCDataset, threshold: float = 0.15,
 
 
 def evaluate_cam_dir(cam_dir: Path, data_root: Path, split: str = "train", threshold: float = 0.15,
-                     device: str = "cpu", labels_file: Optional[Path] = None) -> EvalResult:
-    """Public API: score ``cam_dir`` against ``split`` of the VOC-layout tree at ``data_root``."""
+                     device: str = "cpu", labels_file: Optional[Path] = None,
+                     max_images: Optional[int] = None) -> EvalResult:
+    """Public API: score ``cam_dir`` against ``split`` of the VOC-layout tree at ``data_root``.
+
+    ``max_images`` scores the split's first N images only, the ones a run with
+    ``dataset.max_images=N`` inferred.
+    """
     from ..device import resolve_device
 
-    dataset = open_split(Path(data_root), split, labels_file)
+    dataset = open_split(Path(data_root), split, labels_file).subset(max_images)
     if dataset.mask_dir is None:
         raise DataError(f"{data_root}: no ground-truth masks to evaluate against")
     return evaluate_cams(cam_dir, dataset, threshold, resolve_device(device))
