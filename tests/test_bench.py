@@ -89,8 +89,8 @@ def test_bench_runs_shares_and_skips(tmp_path: Path, tiny_voc: Path) -> None:
 
 
 def test_parallel_cells_give_the_same_tables(tmp_path: Path, tiny_voc: Path) -> None:
-    # --jobs 2: two seeds at once, one thread each; cells of one seed still run in turn, so the
-    # subcat cell of a seed reuses (not retrains) the cam cell's classifier.
+    # --jobs 2: two seeds at once, one thread each; a seed's first cell finishes before the
+    # seed's next one starts, so the subcat cell reuses (not retrains) the cam cell's classifier.
     path = bench_file(tmp_path, tiny_voc, "  method: [{name: cam}, {name: subcat, options: {rounds: 1, k: 2}}]\n"
                       "  seed: [0, 1]\n")
     out = tmp_path / "parallel"
@@ -104,6 +104,22 @@ def test_parallel_cells_give_the_same_tables(tmp_path: Path, tiny_voc: Path) -> 
     data = json.loads((out / "bench.json").read_text())
     assert {r["n"] for r in data["rows"]} == {2}
     assert CliRunner().invoke(cli, ["bench", str(path), "--out", str(out), "--jobs", "0"]).exit_code == 2
+
+
+def test_cells_of_a_seed_wait_for_its_first_cell_then_run_side_by_side() -> None:
+    from wsss_bench.bench import Cell, next_startable
+
+    def cell(method: str, seed: int) -> Cell:
+        return Cell({"method": method, "seed": seed}, {"method": {"name": method}, "seed": seed})
+
+    pending = [cell("gradcam", 0), cell("subcat", 0), cell("cam", 1)]
+    # seed 0's first cell is running: its other cells wait, another seed's cell may start
+    assert next_startable(pending, running_seeds={0}, finished_seeds=set()) == 2
+    assert next_startable(pending[:2], running_seeds={0}, finished_seeds=set()) is None
+    # once one cell of seed 0 has finished, its stages are stored: the next may start beside it
+    assert next_startable(pending, running_seeds={0}, finished_seeds={0}) == 0
+    assert next_startable(pending, running_seeds=set(), finished_seeds=set()) == 0
+    assert next_startable([], running_seeds=set(), finished_seeds=set()) is None
 
 
 def test_paired_deltas_pair_by_seed_and_flag_separation() -> None:

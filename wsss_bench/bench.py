@@ -172,6 +172,23 @@ def _seed_of(cell: Cell) -> Any:
     return cell.config.get("seed")
 
 
+def next_startable(pending: list[Cell], running_seeds: set[Any], finished_seeds: set[Any]) -> Optional[int]:
+    """Index of the first pending cell that may start now, or ``None``.
+
+    Cells of one seed share that seed's stages (the baseline classifier, its features): the
+    first to run computes them and puts them in the store.  So a cell waits while another cell
+    of its seed runs, until one cell of that seed has finished; from then on the shared stages
+    are in the store and cells of the seed may run side by side.  (Two cells that both need a
+    stage the first did not compute would both compute it; the store's writes are atomic and
+    the outputs equal, so the cost is time, never a wrong result.)
+    """
+    for index, cell in enumerate(pending):
+        seed = _seed_of(cell)
+        if seed not in running_seeds or seed in finished_seeds:
+            return index
+    return None
+
+
 def _finished_meta(cell_dir: Path, cell: Cell) -> Optional[dict[str, Any]]:
     """The ``cell.json`` of a cell that finished with exactly this config, else ``None``."""
     meta_file = cell_dir / "cell.json"
@@ -193,9 +210,8 @@ def run_bench(path: Path, out: Optional[Path] = None, quiet: bool = False,
 
     ``jobs > 1`` runs that many cells at once, each with ``cpu_count // jobs`` threads (on a
     small CPU, single-threaded processes side by side get more done than one process with
-    every thread).  Cells of one seed never run at the same time: they share the stages of
-    that seed (the baseline classifier, its features), which the first computes and the
-    next ones take from the store.
+    every thread).  Cells of one seed run one at a time until the first of them has finished
+    (see :func:`next_startable`).
     """
     if jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {jobs}")
@@ -207,8 +223,10 @@ def run_bench(path: Path, out: Optional[Path] = None, quiet: bool = False,
     io.write_yaml(out / "bench.yaml", spec)
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
     pending: list[tuple[int, Cell]] = []
+    finished_seeds: set[Any] = set()
     for number, cell in enumerate(cells, 1):
         if _finished_meta(out / "cells" / cell.slug, cell) is not None:
+            finished_seeds.add(_seed_of(cell))
             echo(f"[{number}/{len(cells)}] {cell.slug}: done, skipped")
         elif tables_only:
             echo(f"[{number}/{len(cells)}] {cell.slug}: not finished, left out of the tables")
@@ -220,7 +238,7 @@ def run_bench(path: Path, out: Optional[Path] = None, quiet: bool = False,
         while pending or running:
             while failure is None and len(running) < jobs:
                 busy = {_seed_of(r.cell) for r in running.values()}
-                pick = next((i for i, (_, c) in enumerate(pending) if _seed_of(c) not in busy), None)
+                pick = next_startable([c for _, c in pending], busy, finished_seeds)
                 if pick is None:
                     break
                 number, cell = pending.pop(pick)
@@ -243,6 +261,7 @@ def run_bench(path: Path, out: Optional[Path] = None, quiet: bool = False,
                                       f"{tail[0] if tail else 'no output'}; see {job.cell_dir / 'cell.log'}")
                 continue  # let the running cells finish (they resume anyway), start no new ones
             io.write_json(job.cell_dir / "cell.json", {"config": job.cell.config, "values": job.cell.values, **meta})
+            finished_seeds.add(_seed_of(job.cell))
     except BaseException:
         for job in running.values():  # Ctrl-C or a crash here: do not leave orphans behind
             job.proc.terminate()

@@ -15,8 +15,8 @@ import click
               help="Stage cache shared with other benches/runs (default OUT/store).")
 @click.option("--tables-only", is_flag=True, help="Run nothing; aggregate the cells finished so far.")
 @click.option("--jobs", "-j", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Cells run at once, each with CPU cores / JOBS threads; cells of one seed "
-                   "run one after another (they share that seed's stages).")
+              help="Cells run at once, each with CPU cores / JOBS threads; a seed's other "
+                   "cells wait for its first one (it computes their shared stages).")
 def bench_command(bench_file: Path, out: Optional[Path], dry_run: bool, cache_dir: Optional[Path],
                   tables_only: bool, jobs: int) -> None:
     """Run every cell of a bench matrix (skipping finished ones) and aggregate over seeds."""
