@@ -125,7 +125,7 @@ def test_options_validated() -> None:
     with pytest.raises(wsss_bench.UserError, match="max_channels"):
         wsss_bench.create_method("scorecam", max_channels=0)
     opts = wsss_bench.create_method("scorecam").options
-    assert (opts.batch_size, opts.max_channels, opts.score) == (32, 64, "sigmoid")
+    assert (opts.batch_size, opts.max_channels, opts.score) == (8, 64, "sigmoid")
 
 
 class FakeContext:
