@@ -110,6 +110,7 @@ def test_eval_scores_the_prefix_a_limited_run_inferred(tiny_voc: Path, tmp_path:
     assert result.exit_code == 0, result.output
     scored = json.loads((tmp_path / "ev" / "results.json").read_text())
     assert scored["rows"][0]["num_images"] == 2
+    assert "seed None" not in result.output and "(-)" not in result.output  # files have neither
     # a hole in the middle is not a prefix: no hint, and --max-images does not hide it
     (cams / "img_008.npz").unlink()
     result = invoke(*args, "--max-images", "2")

@@ -39,9 +39,12 @@ def results_markdown(results: dict[str, Any]) -> str:
 
     body = [[r["split"], *[r.get(c, "") for c in extra_cols], r["protocol"]["stage"],
              pct(r["miou"]), *[policy_cell(r, p) for p in policies], r["num_images"]] for r in rows]
-    parts = [f"# {results['method']} on {results['dataset']} ({results['backbone']})", "",
-             f"seed {results['seed']}, device {results['device']}, wall time "
-             f"{results['wall_time_s']:.1f} s", "", markdown_table(header, body), ""]
+    # `wsss eval` scores files: it has no backbone or seed to name.
+    backbone = f" ({results['backbone']})" if results.get("backbone") not in (None, "-") else ""
+    seed = f"seed {results['seed']}, " if results.get("seed") is not None else ""
+    parts = [f"# {results['method']} on {results['dataset']}{backbone}", "",
+             f"{seed}device {results['device']}, wall time {results['wall_time_s']:.1f} s", "",
+             markdown_table(header, body), ""]
     if rows:
         parts += ["Protocol: " + protocol_line(rows[-1]), ""]
     final = results.get("final", [])
