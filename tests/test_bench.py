@@ -106,6 +106,25 @@ def test_parallel_cells_give_the_same_tables(tmp_path: Path, tiny_voc: Path) -> 
     assert CliRunner().invoke(cli, ["bench", str(path), "--out", str(out), "--jobs", "0"]).exit_code == 2
 
 
+def test_cells_of_one_seed_side_by_side_match_a_serial_run(tmp_path: Path, tiny_voc: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # --jobs 3, one seed: after the cam cell, the two post-hoc cells run at once from the stored
+    # classifier.  One thread everywhere, so the tables must equal a serial run's exactly.
+    path = bench_file(tmp_path, tiny_voc, "  method: [{name: cam}, {name: gradcam}, {name: gradcampp}]\n"
+                      "  seed: [0]\n")
+    side_by_side = CliRunner().invoke(cli, ["bench", str(path), "--out", str(tmp_path / "p"), "--jobs", "3"])
+    assert side_by_side.exit_code == 0, side_by_side.output
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")   # the serial cells inherit it
+    serial = CliRunner().invoke(cli, ["bench", str(path), "--out", str(tmp_path / "s")])
+    assert serial.exit_code == 0, serial.output
+    for method in ("gradcam", "gradcampp"):
+        manifest = json.loads((tmp_path / f"p/cells/method-{method}__seed-0/manifest.json").read_text())
+        assert next(s for s in manifest["stages"] if s["name"] == "train:round0")["reused"] is True
+    rows = [json.loads((tmp_path / out / "bench.json").read_text())["rows"] for out in ("p", "s")]
+    assert [(r["group"], r["split"], r["mious"]) for r in rows[0]] == \
+        [(r["group"], r["split"], r["mious"]) for r in rows[1]]
+
+
 def test_cells_of_a_seed_wait_for_its_first_cell_then_run_side_by_side() -> None:
     from wsss_bench.bench import Cell, next_startable
 
