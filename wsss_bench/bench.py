@@ -198,7 +198,7 @@ def _finished_meta(cell_dir: Path, cell: Cell) -> Optional[dict[str, Any]]:
     return meta if meta.get("config") == cell.config else None
 
 
-def run_bench(path: Path, out: Optional[Path] = None, quiet: bool = False,
+def run_bench(path: Path, out: Optional[Path] = None,
               echo: Any = print, store: Optional[Path] = None,
               tables_only: bool = False, jobs: int = 1) -> dict[str, Any]:
     """Run (or continue) a bench and write its tables; returns the aggregate.
