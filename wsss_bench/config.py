@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ConfigError
+from .evaluation import DEFAULT_THRESHOLD
 from .registry import format_validation_error
 
 
@@ -106,7 +107,7 @@ class EvalConfig(Strict):
     ``selection_split``, or on another evaluation split when unset, then applied).
     """
 
-    threshold: float = Field(default=0.15, ge=0, le=1)
+    threshold: float = Field(default=DEFAULT_THRESHOLD, ge=0, le=1)
     threshold_policy: Literal["fixed"] = "fixed"
     policies: list[Literal["fixed", "oracle", "heldout"]] = Field(
         default_factory=lambda: ["fixed", "oracle", "heldout"])

@@ -32,6 +32,7 @@ from PIL import Image
 
 from . import io
 from .errors import DataError, UserError
+from .evaluation import DEFAULT_THRESHOLD
 from .evaluation.tables import pct
 
 log = logging.getLogger(__name__)
@@ -483,7 +484,7 @@ def results_section(run: Run) -> str:
     has_head = any(r.get("head", "parent") != "parent" for r in rows)
     policies = [p for p in ("heldout", "oracle") if any(p in (r.get("policies") or {}) for r in rows)]
     titles = {"heldout": "held-out thr. mIoU (%)", "oracle": "oracle thr. mIoU (%, upper bound)"}
-    threshold = run.results.get("threshold", 0.15)
+    threshold = run.results.get("threshold", DEFAULT_THRESHOLD)
     header = ["split", *(["round"] if has_round else []), *(["head"] if has_head else []), "stage",
               f"fixed mIoU (%) @ {threshold}", *[titles[p] for p in policies], "images"]
     final_ids = {(r.get("tag"), r.get("head"), r["split"]) for r in run.final}
@@ -535,7 +536,7 @@ def curves_section(run: Run, plots: Plots) -> str:
     parts = []
     final_keys = {(r.get("tag"), r.get("head"), r["split"]) for r in run.final}
     final = [r for r in with_curves if (r.get("tag"), r.get("head"), r["split"]) in final_keys]
-    threshold = float(run.results.get("threshold", 0.15))
+    threshold = float(run.results.get("threshold", DEFAULT_THRESHOLD))
     if final:
         curves, marks = {}, {"fixed": threshold}
         for r in final:
@@ -863,7 +864,7 @@ def run_report(run: Run, plots: Plots, split: Optional[str] = None, examples: in
         if not state:
             row = _split_for_examples(run, split)
             dataset = run.open_eval_split(row["split"])
-            threshold = float(row["protocol"].get("threshold", res.get("threshold", 0.15)))
+            threshold = float(row["protocol"].get("threshold", res.get("threshold", DEFAULT_THRESHOLD)))
             state.update(row=row, dataset=dataset, renderer=ExampleRenderer(dataset, threshold))
         return state["row"], state["dataset"], state["renderer"]
 

@@ -8,6 +8,7 @@ from typing import Optional
 import click
 
 from .. import io
+from ..evaluation import DEFAULT_THRESHOLD
 from ..evaluation.tables import results_markdown
 
 
@@ -15,7 +16,7 @@ from ..evaluation.tables import results_markdown
 @click.option("--cams", "cam_dir", required=True, type=click.Path(path_type=Path), help="Folder of <id>.npz CAM files.")
 @click.option("--data-root", required=True, type=click.Path(path_type=Path), help="VOC-layout root with masks.")
 @click.option("--split", default="train", show_default=True, help="Split list to score.")
-@click.option("--threshold", default=0.15, show_default=True, type=click.FloatRange(0, 1), help="Constant background score.")
+@click.option("--threshold", default=DEFAULT_THRESHOLD, show_default=True, type=click.FloatRange(0, 1), help="Constant background score.")
 @click.option("--labels", "labels_file", type=click.Path(path_type=Path), help="Image-level labels JSON (else from masks).")
 @click.option("--max-images", type=click.IntRange(min=1),
               help="Score only the split's first N images (as a run with dataset.max_images=N).")

@@ -11,8 +11,7 @@ from typing import Optional
 import click
 
 from ..errors import ConfigError
-
-DEFAULT_THRESHOLD = 0.15  # the same default as pseudo_masks.DEFAULT_THRESHOLD (checked by a test)
+from ..evaluation import DEFAULT_THRESHOLD
 
 
 @click.command("export-masks")

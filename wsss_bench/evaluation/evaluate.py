@@ -11,6 +11,7 @@ import torch
 from ..data.voc import VOCDataset, open_split
 from ..errors import DataError
 from ..progress import progress_bar
+from . import DEFAULT_THRESHOLD
 from .camfiles import check_cam_dir, read_cam
 from .miou import ConfusionAccumulator, cams_to_labels, class_table, scores_from_confusion
 
@@ -44,7 +45,7 @@ def result_row(result: EvalResult, tag: str, head: str, cam_dir: Path,
             "per_class": result.per_class, "cams": str(cam_dir)}
 
 
-def evaluate_cams(cam_dir: Path, dataset: VOCDataset, threshold: float = 0.15,
+def evaluate_cams(cam_dir: Path, dataset: VOCDataset, threshold: float = DEFAULT_THRESHOLD,
                   device: torch.device | str = "cpu", show_progress: bool = False,
                   stage: str = "cam") -> EvalResult:
     """Accumulate the confusion of every image of ``dataset`` whose CAM is in ``cam_dir``."""
@@ -68,7 +69,7 @@ def evaluate_cams(cam_dir: Path, dataset: VOCDataset, threshold: float = 0.15,
                       class_table(dataset.class_names, scores), confusion, len(dataset.ids), protocol)
 
 
-def evaluate_cam_dir(cam_dir: Path, data_root: Path, split: str = "train", threshold: float = 0.15,
+def evaluate_cam_dir(cam_dir: Path, data_root: Path, split: str = "train", threshold: float = DEFAULT_THRESHOLD,
                      device: str = "cpu", labels_file: Optional[Path] = None,
                      max_images: Optional[int] = None) -> EvalResult:
     """Public API: score ``cam_dir`` against ``split`` of the VOC-layout tree at ``data_root``.

@@ -24,9 +24,9 @@ from .. import io
 from ..data.voc import IGNORE_INDEX, VOCDataset
 from ..errors import ConfigError, DataError
 from ..progress import progress_bar
+from . import DEFAULT_THRESHOLD
 from .camfiles import check_cam_dir, read_cam
 from .miou import cams_to_labels
-from .thresholds import DEFAULT_THRESHOLD
 
 
 def voc_colormap(count: int = 256) -> np.ndarray:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
+from . import DEFAULT_THRESHOLD
+
 
 def pct(value: Optional[float], digits: int = 1) -> str:
     """A fraction as a percentage string; missing values as an en dash."""
@@ -30,7 +32,7 @@ def results_markdown(results: dict[str, Any]) -> str:
     extra_cols = [c for c in ("round",) if any(c in r for r in rows)]
     policies = [p for p in ("heldout", "oracle") if any(p in r.get("policies", {}) for r in rows)]
     titles = {"heldout": "held-out thr. mIoU (%)", "oracle": "oracle thr. mIoU (%, upper bound)"}
-    header = ["split", *extra_cols, "stage", f"mIoU (%) @ {results.get('threshold', 0.15)}",
+    header = ["split", *extra_cols, "stage", f"mIoU (%) @ {results.get('threshold', DEFAULT_THRESHOLD)}",
               *[titles[p] for p in policies], "images"]
 
     def policy_cell(row: dict[str, Any], name: str) -> str:

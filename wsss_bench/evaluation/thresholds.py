@@ -36,6 +36,7 @@ from .. import io
 from ..data.voc import IGNORE_INDEX, VOCDataset
 from ..errors import ConfigError, DataError, UserError
 from ..progress import progress_bar
+from . import DEFAULT_THRESHOLD
 from .camfiles import check_cam_dir, read_cam
 from .evaluate import EvalResult
 from .miou import class_table, scores_from_confusion
@@ -44,7 +45,6 @@ Curve = list[tuple[float, float]]
 """An mIoU-versus-threshold curve: ``(threshold, miou)`` pairs sorted by threshold."""
 
 POLICIES = ("fixed", "oracle", "heldout")
-DEFAULT_THRESHOLD = 0.15
 
 
 def threshold_grid(start: float = 0.0, stop: float = 0.95, step: float = 0.01) -> list[float]:
