@@ -56,6 +56,7 @@ __all__ = [
     "convert_mxnet_params",
     "mxnet_key_to_torch",
     "torch_key_to_mxnet",
+    "options_from_state_dict",
     "register_backbones",
     "register_commands",
 ]
@@ -508,6 +509,25 @@ def create_resnet38d(**options: Any) -> ResNet38d:
     if opts.pretrained:
         model.load_pretrained(opts.pretrained)
     return model
+
+
+def options_from_state_dict(state: Mapping[str, torch.Tensor]) -> Optional[dict[str, Any]]:
+    """``{"width": w}`` when ``state`` holds ResNet-38 backbone keys (ours, PSA's, SC-CAM's), else None.
+
+    The width is read from ``bn7`` (4096 x width channels, the widest layer, so the most precise)
+    and checked against the stem (``conv1a``: 64 x width), as :func:`_scaled` builds them.
+    """
+    stem, last = state.get("conv1a.weight"), state.get("bn7.weight")
+    if stem is None or last is None or stem.ndim != 4 or last.ndim != 1:
+        return None
+    width = last.shape[0] / 4096
+    if _scaled(64, width) != stem.shape[0]:
+        return None
+    return {"width": width}
+
+
+# The host asks backbone factories for this (see wsss_bench.architecture).
+create_resnet38d.options_from_state_dict = options_from_state_dict  # type: ignore[attr-defined]
 
 
 def convert_params_file(path: Union[str, "os.PathLike[str]"], width: float = 1.0) -> tuple[dict[str, torch.Tensor], list[str]]:

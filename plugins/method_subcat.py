@@ -10,7 +10,12 @@ Round 0 is the baseline classifier (trained, or a user checkpoint such as PSA's
    loss = parent + λ·sub, from the initial weights again (the paper's choice; configurable).
 
 CAMs are read from the parent head.  K larger than a class's image count is clipped to that
-count (each image its own sub-category); per-class K is set with ``k_per_class``.
+count (each image its own sub-category); per-class K is set with ``k_per_class``, or by the
+clusterer itself (``choose_k``, e.g. the ``oracle``'s true sub-type counts).
+
+On a dataset that declares its true sub-types (``subtype_labels.json``), every round also
+reports the AMI and purity of its clusters against them (``subtype_ami`` / ``subtype_purity``),
+and the clusterer receives the per-class metadata (:mod:`wsss_bench.clustering`).
 """
 from __future__ import annotations
 
@@ -22,7 +27,11 @@ from typing import Any, Optional
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from wsss_bench import clustering
+from wsss_bench.clustering import ClusterMetadata
+from wsss_bench.data.subtypes import SubtypeTruth
 from wsss_bench.errors import ConfigError
+from wsss_bench.evaluation.subtype_scores import subtype_scores
 from wsss_bench.hookspecs import hookimpl
 
 
@@ -59,16 +68,36 @@ def class_k(options: SubcatOptions, class_names: list[str]) -> list[int]:
     return [options.k_per_class.get(name, options.k) for name in class_names]
 
 
+def class_metadata(labels: np.ndarray, ids: list[str], class_names: list[str],
+                   truth: Optional[SubtypeTruth]) -> list[ClusterMetadata]:
+    """What a clusterer may know about each class's images (ids, true sub-types if declared)."""
+    matrix = truth.matrix(ids) if truth is not None else None
+    out: list[ClusterMetadata] = []
+    for c, name in enumerate(class_names):
+        members = np.flatnonzero(labels[:, c] > 0)
+        out.append(ClusterMetadata(
+            class_index=c, class_name=name, image_ids=[ids[i] for i in members],
+            subtypes=matrix[members, c] if matrix is not None else None,
+            num_subtypes=truth.num_subtypes[c] if truth is not None else None))
+    return out
+
+
 def cluster_per_class(features: np.ndarray, labels: np.ndarray, ks: list[int], clusterer: Any,
-                      seed: int) -> np.ndarray:
+                      seed: int, metadata: Optional[list[ClusterMetadata]] = None) -> np.ndarray:
     """Sub-category id per (image, class): ``[N, C]`` int64, -1 where the image lacks the class."""
     assignment = np.full(labels.shape, -1, np.int64)
     for c, k in enumerate(ks):
         members = np.flatnonzero(labels[:, c] > 0)
         if members.size == 0:
             continue
-        assignment[members, c] = clusterer.fit_predict(features[members], k, seed)
+        assignment[members, c] = clustering.fit_predict(clusterer, features[members], k, seed,
+                                                        metadata[c] if metadata else None)
     return assignment
+
+
+def chosen_ks(ks: list[int], clusterer: Any, metadata: list[ClusterMetadata]) -> list[int]:
+    """K per class after the clusterer's own choice (``choose_k``, e.g. the oracle's true count)."""
+    return [clustering.choose_k(clusterer, k, meta) for k, meta in zip(ks, metadata)]
 
 
 def subcategory_targets(assignment: np.ndarray, k_max: int) -> np.ndarray:
@@ -125,10 +154,12 @@ class SubCategoryCam:
 
     def run(self, ctx: Any) -> dict[str, Any]:
         opts = self.options
-        ks = class_k(opts, ctx.class_names)
-        k_max = max(ks)
         clusterer = ctx.clusterer(opts.clusterer.name, opts.clusterer.options)
         labels = np.stack([ctx.train_set.label(i) for i in ctx.train_set.ids])
+        truth = ctx.train_set.subtype_truth()
+        metadata = class_metadata(labels, ctx.train_set.ids, ctx.class_names, truth)
+        ks = chosen_ks(class_k(opts, ctx.class_names), clusterer, metadata)
+        k_max = max(ks)
         if opts.round0_weights is not None:
             model = ctx.load_classifier(opts.round0_weights)
         else:
@@ -137,13 +168,20 @@ class SubCategoryCam:
         rows = ctx.cams_and_scores(model, "round0", row={"round": 0}) if opts.eval_every_round else []
         previous: Optional[np.ndarray] = None
         stats: dict[str, Any] = {}
+        diagnostics: dict[str, Any] = {}
         for r in range(1, opts.rounds + 1):
             features = ctx.features(model, f"round{r - 1}")
             # Clustered once (rank 0 under torchrun) and shared, so every process trains on the
             # same sub-category labels.
             assignment = ctx.shared(functools.partial(cluster_per_class, features, labels, ks, clusterer,
-                                                      ctx.config.seed))
+                                                      ctx.config.seed, metadata))
             stats[f"round{r}"] = cluster_stats(assignment, previous, ctx.class_names)
+            diag: dict[str, Any] = {}
+            if truth is not None:
+                diag = subtype_scores(assignment, truth.matrix(ctx.train_set.ids), ctx.class_names)
+                diagnostics[f"round{r}"] = diag
+                ctx.info(f"round{r}: sub-type AMI {_fmt(diag['ami']['mean'])}, "
+                         f"purity {_fmt(diag['purity']['mean'])} (against the dataset's true sub-types)")
             ctx.save_array(f"subcategories/round{r}.npy", assignment)
             previous = assignment
             targets = subcategory_targets(assignment, k_max)
@@ -157,11 +195,34 @@ class SubCategoryCam:
             model = next_model
             last = r == opts.rounds
             if opts.eval_every_round or last:
-                rows += ctx.cams_and_scores(model, f"round{r}", row={"round": r, "final": last})
+                extra_cols = {"subtype_ami": diag["ami"]["mean"], "subtype_purity": diag["purity"]["mean"]} if diag else {}
+                rows += ctx.cams_and_scores(model, f"round{r}", row={"round": r, "final": last, **extra_cols})
                 if opts.sub_head_cams:
                     rows += ctx.cams_and_scores(model, f"round{r}", head="sub", row={"round": r})
-        return {"rows": rows, "extra": {"clusters": stats},
-                "tables": {"Sub-category clusters per round": cluster_table(stats)}}
+        tables = {"Sub-category clusters per round": cluster_table(stats)}
+        summary: dict[str, Any] = {}
+        if diagnostics:
+            tables["Sub-categories against the true sub-types"] = diagnostics_table(diagnostics, ctx.class_names)
+            summary = {"subtype_ami": {tag: d["ami"] for tag, d in diagnostics.items()},
+                       "subtype_purity": {tag: d["purity"] for tag, d in diagnostics.items()}}
+        return {"rows": rows, "extra": {"clusters": stats, "k_per_class": dict(zip(ctx.class_names, ks))},
+                "tables": tables, "summary": summary}
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def diagnostics_table(diagnostics: dict[str, Any], class_names: list[str]) -> str:
+    """Markdown: per round, mean and per-class AMI / purity against the true sub-types."""
+    from wsss_bench.evaluation.tables import markdown_table
+
+    body = []
+    for tag, d in diagnostics.items():
+        for metric in ("ami", "purity"):
+            body.append([tag, metric, _fmt(d[metric]["mean"])]
+                        + [_fmt(d[metric]["per_class"][name]) for name in class_names])
+    return markdown_table(["round", "score", "mean (classes with >= 2 sub-types)"] + class_names, body)
 
 
 def cluster_table(stats: dict[str, Any]) -> str:
@@ -228,9 +289,10 @@ def register_commands(cli: Any) -> None:
             raise DataError(f"{features_file}: NaN or Inf in {len(bad)} of {len(features)} rows "
                             f"(first: row {bad[0]}, image {train_set.ids[bad[0]]!r})")
         labels = np.stack([train_set.label(i) for i in train_set.ids])
-        ks = class_k(opts, train_set.class_names)
         algo = create_clusterer(opts.clusterer.name, **opts.clusterer.options)
-        assignment = cluster_per_class(features, labels, ks, algo, config.seed)
+        metadata = class_metadata(labels, train_set.ids, train_set.class_names, train_set.subtype_truth())
+        ks = chosen_ks(class_k(opts, train_set.class_names), algo, metadata)
+        assignment = cluster_per_class(features, labels, ks, algo, config.seed, metadata)
         folder = Path(out) / "subcategories"
         io.write_with(folder / f"{tag}.npy", lambda h: np.save(h, assignment, allow_pickle=False))
         targets = subcategory_targets(assignment, max(ks))

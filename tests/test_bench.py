@@ -48,6 +48,21 @@ def test_expand_validates_every_cell(tmp_path: Path, tiny_voc: Path) -> None:
     assert expand(load_bench(other))[0].config["backbone"]["options"] == {"output_stride": 16}
 
 
+def test_component_labels_name_cells_and_stay_out_of_the_config(tmp_path: Path, tiny_voc: Path) -> None:
+    from wsss_bench.bench import _show
+
+    matrix = ("  method:\n    - {name: subcat, options: {rounds: 1}}\n"
+              "    - {name: subcat, label: subcat-two, options: {rounds: 2}}\n")
+    cells = expand(load_bench(bench_file(tmp_path, tiny_voc, matrix)))
+    assert [c.slug for c in cells] == ["method-subcat", "method-subcat-two"]
+    assert "label" not in cells[1].config["method"]
+    assert cells[1].config["method"]["options"]["rounds"] == 2
+    assert _show(cells[1].values["method"]) == "subcat-two"
+    clash = "  method:\n    - {name: subcat, options: {rounds: 1}}\n    - {name: subcat, options: {rounds: 2}}\n"
+    with pytest.raises(ConfigError, match="distinct names or labels"):
+        expand(load_bench(bench_file(tmp_path, tiny_voc, clash)))
+
+
 def test_unknown_bench_key(tmp_path: Path) -> None:
     path = tmp_path / "b.yaml"
     path.write_text("matrix: {seed: [0]}\nbogus: 1\n")
@@ -74,6 +89,27 @@ def test_bench_runs_shares_and_skips(tmp_path: Path, tiny_voc: Path) -> None:
     cam_val = json.loads((out / "cells/method-cam__seed-0/results.json").read_text())["miou"]["val"]
     sub_rows = json.loads((out / "cells/method-subcat__seed-0/results.json").read_text())["rows"]
     assert next(r["miou"] for r in sub_rows if r["round"] == 0 and r["split"] == "val") == pytest.approx(cam_val)
+    # Every scored split kept its per-image confusions; they sum exactly to the confusion the
+    # reported mIoU came from (re-scoring the same CAM files).
+    from wsss_bench.data.voc import open_split
+    from wsss_bench.evaluation.evaluate import evaluate_cams, load_confusions
+    from wsss_bench.evaluation.miou import scores_from_confusion
+
+    for r in sub_rows:
+        per_image, ids = load_confusions(out / "cells/method-subcat__seed-0" / r["confusions"])
+        dataset = open_split(tiny_voc, r["split"])
+        assert ids == dataset.ids and per_image.shape[0] == r["num_images"]
+        rescored = evaluate_cams(out / "cells/method-subcat__seed-0" / r["cams"], dataset,
+                                 r["protocol"]["threshold"], stage=r["protocol"]["stage"])
+        np.testing.assert_array_equal(per_image.sum(0), rescored.confusion)
+        assert scores_from_confusion(per_image.sum(0))["miou"] == pytest.approx(r["miou"], abs=1e-12)
+    # the tables carry the seed intervals and, on val, the per-image bootstrap
+    deltas = {(d["split"], d["round"]): d for d in data["deltas"]}
+    assert deltas, data["deltas"]
+    for d in deltas.values():
+        assert d["separated"] in ("yes", "no") and len(d["ci"]) == 2 and 0 <= d["p_holm"] <= 1
+        assert (d["bootstrap"] is not None) == (d["split"] == "val")
+    assert "separated" in (out / "bench.md").read_text()
     # Peak memory is the cell's own (VmHWM), not the bench process's high-water mark that
     # Linux carries into a child's ru_maxrss: a cell reports it, and it varies between cells.
     import sys
@@ -162,3 +198,34 @@ def test_paired_deltas_pair_by_seed_and_flag_separation() -> None:
     assert deltas["noisy"]["mean"] == pytest.approx((-0.05 - 0.10 + 0.15) / 3)
     far = row("far", [0.90, 0.85, 0.88], [0, 1, 2])
     assert paired_deltas([base, far])[0]["beyond_spread"] is True
+
+
+def test_quick_look_overrides_are_layered_marked_and_kept_apart(tmp_path: Path, tiny_voc: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from wsss_bench.bench import apply_overrides
+
+    path = bench_file(tmp_path, tiny_voc, "  method.name: [cam]\n  seed: [0, 1, 2]\n")
+    spec = apply_overrides(load_bench(path), seeds=[5], sets=("train.epochs=2",))
+    cells = expand(spec)
+    assert [c.values["seed"] for c in cells] == [5]
+    assert cells[0].config["train"]["epochs"] == 2  # --set lies over base...
+    with pytest.raises(ConfigError, match="matrix axis 'method.name'"):  # ...and under the axes
+        apply_overrides(load_bench(path), sets=("method.name=subcat",))
+    assert apply_overrides(load_bench(path))["overrides"] is None
+
+    monkeypatch.chdir(tmp_path)
+    args = ["bench", str(path), "--seeds", "0", "--set", "cams.flip=false"]
+    first = CliRunner().invoke(cli, args)
+    assert first.exit_code == 0, first.output
+    folders = [p for p in (tmp_path / "runs").iterdir() if p.name.startswith("bench-tiny-")]
+    assert len(folders) == 1  # its own folder, named by the overrides' hash
+    out = folders[0]
+    record = json.loads((out / "bench.json").read_text())
+    assert record["overrides"] == {"preset": None, "seeds": [0], "set": ["cams.flip=false"]}
+    assert "quick look: seeds [0], --set cams.flip=false" in (out / "bench.md").read_text()
+    assert "% quick look" in (out / "bench.tex").read_text()
+    other = CliRunner().invoke(cli, ["bench", str(path), "--seeds", "1", "--out", str(out)])
+    assert other.exit_code == 2 and "other overrides" in other.output
+    forced = CliRunner().invoke(cli, ["bench", str(path), "--seeds", "0", "--set", "cams.flip=false",
+                                      "--out", str(out)])
+    assert forced.exit_code == 0, forced.output  # the same overrides resume the same folder

@@ -1,6 +1,7 @@
 """Config resolution and validation."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -59,7 +60,10 @@ def test_switching_component_drops_its_options() -> None:
     cfg = load_config(overrides=[{"backbone": {"name": "timm:resnet18", "options": {"output_stride": 16}}}])
     assert cfg.backbone.options == {"output_stride": 16}
     # The same component keeps its options and merges new ones.
-    cfg = load_config(overrides=[{"backbone": {"name": "resnet38d", "options": {"width": 0.25}}}])
+    cfg = load_config(overrides=[{"backbone": {"name": "efficientnet_lite", "options": {"output_stride": 8}}}])
+    assert cfg.backbone.options["output_stride"] == 8 and cfg.backbone.options["variant"] == "lite0"
+    # ...also over a preset's component.
+    cfg = load_config("scratch", overrides=[{"backbone": {"name": "resnet38d", "options": {"width": 0.25}}}])
     assert cfg.backbone.options["width"] == 0.25 and "freeze_bn" in cfg.backbone.options
 
 
@@ -72,3 +76,40 @@ def test_override_syntax() -> None:
 def test_unknown_preset() -> None:
     with pytest.raises(ConfigError, match="unknown preset"):
         load_config("turbo")
+
+
+@pytest.mark.parametrize("setting", ["cams.scales=[.nan]", "cams.scales=[1000]", "cams.scales=[0.001]",
+                                     "seed=-1", "seed=4294967296", "train.lr=.inf", "train.lr=.nan",
+                                     "eval.threshold=.nan", "train.weight_decay=-.inf"])
+def test_non_finite_and_out_of_range_values_fail_validation(setting: str) -> None:
+    """Rejected by the config model itself, so --dry-run and a run stop before writing anything."""
+    with pytest.raises(ConfigError, match="invalid config"):
+        load_config(sets=[setting])
+
+
+def test_diverging_training_stops_with_one_line_and_writes_no_checkpoint(tmp_path: Path, tiny_voc: Path) -> None:
+    from click.testing import CliRunner
+
+    from wsss_bench.cli.main import cli
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, [
+        "run", "--method", "cam", "--data-root", str(tiny_voc), "--out", str(out), "--device", "cpu",
+        "--quiet", "--backbone", "resnet38d", "--set", "backbone.options={width: 0.0625}",
+        "--set", "train.lr=1e30", "--set", "train.epochs=2", "--set", "train.crop_size=32",
+        "--set", "train.resize_long=[32,48]"])
+    assert result.exit_code == 2, result.output
+    assert re.search(r"training diverged at epoch \d+, step \d+ \(parent loss (nan|inf)", result.output)
+    assert "lower train.lr" in result.output and "Traceback" not in result.output
+    assert not list(out.rglob("*.pth")) and not list(out.rglob("*.npz"))
+
+
+def test_non_finite_cams_are_never_written(tmp_path: Path) -> None:
+    import numpy as np
+
+    from wsss_bench.errors import CamFileError
+    from wsss_bench.evaluation.camfiles import write_cam
+
+    with pytest.raises(CamFileError, match="NaN or infinite"):
+        write_cam(tmp_path / "a.npz", np.array([0]), np.full((1, 4, 4), np.nan))
+    assert not list(tmp_path.iterdir())

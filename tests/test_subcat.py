@@ -127,7 +127,7 @@ def test_checkpoint_with_wrong_shapes_is_a_clear_error(tiny_voc: Path, tmp_path:
     state["fc8.weight"] = torch.zeros(5, state["fc8.weight"].shape[1], 1, 1)
     torch.save(state, tmp_path / "bad.pth")
     result = CliRunner().invoke(cli, ["cams", "--weights", str(tmp_path / "bad.pth"), "--data-root", str(tiny_voc),
-                                      "--out", str(tmp_path / "o"), "--set", "backbone.options={width: 0.0625}"])
+                                      "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and "parent head has 5 classes" in result.output
     result = CliRunner().invoke(cli, ["cams", "--weights", str(tmp_path / "missing.pth"), "--data-root",
                                       str(tiny_voc), "--out", str(tmp_path / "o")])

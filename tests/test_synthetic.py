@@ -36,7 +36,7 @@ def _load_plugin():
 
 synth = _load_plugin()
 
-SMALL = dict(seed=3, n_train_aug=30, n_train=10, n_val=8, image_size=64)
+SMALL = dict(seed=3, n_train_aug=30, n_train=10, n_val=8, n_select=5, image_size=64)
 
 
 def _spec(**overrides) -> "synth.SyntheticSpec":
@@ -103,24 +103,25 @@ def test_layout_and_splits(small):
     for rel in ("class_names.txt", "cls_labels.json", "subtypes.json", "contexts.json",
                 "synthetic.json"):
         assert (small / rel).is_file(), rel
-    train_aug, train, val = (_split(small, s) for s in ("train_aug", "train", "val"))
-    assert len(train_aug) == spec.n_train_aug and len(val) == spec.n_val
+    train_aug, train, val, select = (_split(small, s) for s in ("train_aug", "train", "val", "select"))
+    assert len(train_aug) == spec.n_train_aug and len(val) == spec.n_val and len(select) == spec.n_select
     assert train == train_aug[: spec.n_train]  # VOC convention: train is a subset
     assert not set(val) & set(train_aug)
+    assert not set(select) & (set(train_aug) | set(val))  # select never overlaps a reported split
     assert len(set(train_aug)) == len(train_aug)
-    for image_id in train_aug + val:
+    for image_id in train_aug + val + select:
         assert image_id.startswith("syn_") and len(image_id) == 10
         assert (small / "JPEGImages" / f"{image_id}.jpg").is_file()
         assert (small / "SegmentationClassAug" / f"{image_id}.png").is_file()
     names = (small / "class_names.txt").read_text().splitlines()
     assert names == synth.class_names(spec.num_classes) and len(set(names)) == len(names)
     labels = json.loads((small / "cls_labels.json").read_text())
-    assert set(labels) == set(train_aug) | set(val)
+    assert set(labels) == set(train_aug) | set(val) | set(select)
     meta = json.loads((small / "synthetic.json").read_text())
     assert meta["spec"] == spec.model_dump()
     assert meta["spec_fingerprint"] == spec.fingerprint()
     assert meta["format_version"] == synth.FORMAT_VERSION
-    assert meta["splits"] == {"train_aug": 30, "train": 10, "val": 8}
+    assert meta["splits"] == {"train_aug": 30, "train": 10, "val": 8, "select": 5}
 
 
 def test_images_and_masks_formats(small):
@@ -147,6 +148,44 @@ def test_labels_agree_with_masks(small):
         assert lab == in_mask and lab, image_id  # no label without pixels, no empty image
         assert sorted({cls for cls, _ in subtypes[image_id]}) == lab
         assert all(0 <= s < spec.subtypes for _, s in subtypes[image_id])
+
+
+def test_subtype_labels_name_the_largest_visible_object(small):
+    """subtype_labels.json: per class, the sub-type of its largest visible object (ties: lowest id)."""
+    spec = _spec()
+    truth = json.loads((small / "subtype_labels.json").read_text())
+    assert truth["format"] == synth.SUBTYPE_FORMAT
+    assert truth["num_subtypes"] == [spec.subtypes] * spec.num_classes
+    checked_multi = 0
+    for split, n in (("train_aug", spec.n_train_aug), ("val", spec.n_val), ("select", spec.n_select)):
+        for index in range(n):
+            scene = synth.render_scene(spec, split, index)
+            image_id = _split(small, split)[index]
+            assert truth["labels"][image_id] == scene.truth
+            for c in range(spec.num_classes):
+                present = c in scene.labels
+                assert (scene.truth[c] >= 0) == present
+            per_class = {}
+            for cls, sub in scene.subtypes:
+                per_class.setdefault(cls, []).append(sub)
+            for cls, subs in per_class.items():
+                assert scene.truth[cls] in subs
+                checked_multi += len(subs) > 1
+    assert checked_multi >= 1  # the rule was exercised on a class shown twice
+
+
+def test_largest_subtypes_rule_by_hand():
+    """Class 0 shown three times (4, 6 and 6 labelled pixels): the first 6-pixel object wins."""
+    from types import SimpleNamespace
+
+    objects = [SimpleNamespace(cls=0, subtype=2), SimpleNamespace(cls=0, subtype=1),
+               SimpleNamespace(cls=1, subtype=0), SimpleNamespace(cls=0, subtype=0)]
+    ids = np.zeros((4, 8), np.int16)
+    ids.ravel()[:4] = 1       # object 1: 4 px, sub-type 2
+    ids.ravel()[4:10] = 2     # object 2: 6 px, sub-type 1
+    ids.ravel()[10:11] = 3    # object 3: class 1, 1 px
+    ids.ravel()[11:17] = 4    # object 4: 6 px, sub-type 0 (ties with object 2, higher id)
+    assert synth._largest_subtypes(objects, ids, 3) == [1, 0, -1]
 
 
 def test_occluded_objects_keep_visible_pixels():

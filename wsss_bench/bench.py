@@ -18,6 +18,7 @@ re-runs; an interrupted one resumes.
 """
 from __future__ import annotations
 
+import copy
 import csv
 import io as _io
 import itertools
@@ -29,17 +30,30 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
+from scipy import stats
 
 from . import io
 from .config import deep_merge, load_config, parse_override, read_yaml_file
-from .errors import ConfigError, UserError
+from .errors import ConfigError, DataError, UserError
 from .runner import validate_plugins
+from .evaluation.evaluate import load_confusions
+from .evaluation.miou import miou_from_confusions
 from .evaluation.tables import markdown_table, pct
 
-BENCH_KEYS = {"name", "preset", "base", "matrix", "labels", "description"}
+BENCH_KEYS = {"name", "preset", "base", "matrix", "labels", "description", "overrides"}
+
+#: Family-wise error rate of the seed intervals of one table (Holm), and the bootstrap's level.
+ALPHA = 0.05
+#: Image resamples of the paired bootstrap, and its fixed RNG seed (tables are reproducible).
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0
+#: Splits whose images are resampled.  Only held-out images: the bootstrap treats the trained
+#: models as fixed and the images as draws from a population, which training images are not
+#: (the classifier saw them).
+BOOTSTRAP_SPLITS = ("val",)
 
 
 @dataclass
@@ -53,14 +67,15 @@ class Cell:
     def slug(self) -> str:
         """A readable, filesystem-safe id built from the axis values.
 
-        A component given as a mapping (``{name: scorecam, options: {...}}``) shows its name.
+        A component given as a mapping (``{name: scorecam, options: {...}}``) shows its ``label``
+        when it has one (a bench-only key, dropped from the config), else its name.
         """
         parts = []
         for key, value in self.values.items():
             words = key.split(".")
             title = words[-2] if words[-1] == "name" and len(words) > 1 else words[-1]
-            if isinstance(value, dict) and "name" in value:
-                value = value["name"]
+            if isinstance(value, dict) and ("label" in value or "name" in value):
+                value = value.get("label", value.get("name"))
             parts.append(f"{title}-{value}")
         return re.sub(r"[^A-Za-z0-9_.=-]+", "_", "__".join(parts))[:180] or "cell"
 
@@ -75,7 +90,71 @@ def load_bench(path: Path) -> dict[str, Any]:
     if not isinstance(matrix, dict) or not all(isinstance(v, list) and v for v in matrix.values()):
         raise ConfigError(f"{path}: 'matrix' must map config keys to non-empty lists of values")
     spec.setdefault("name", Path(path).stem)
+    # The name becomes a folder under runs/: checked like a split id, so `../x` cannot escape.
+    if not isinstance(spec["name"], str) or not re.fullmatch(r"[A-Za-z0-9_.\-]+", spec["name"]) \
+            or spec["name"] in (".", ".."):
+        raise ConfigError(f"{path}: bench name {spec['name']!r} must be letters, digits, '_', '-' or '.' "
+                          "(it names a folder)")
     return spec
+
+
+def apply_overrides(spec: dict[str, Any], preset: Optional[str] = None,
+                    seeds: Optional[list[int]] = None, sets: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A quick-look variant of a bench: another preset, other seeds, ``--set`` layered on ``base``.
+
+    ``--set`` lies over the bench's ``base`` and under its matrix axes, so an axis cannot be set
+    (that would silently collapse a column).  The result records ``overrides`` (None when there
+    are none), which names its default folder and marks its tables.
+    """
+    overrides = {"preset": preset, "seeds": list(seeds) if seeds is not None else None, "set": list(sets)}
+    if preset is None and seeds is None and not sets:
+        return {**spec, "overrides": None}
+    out = copy.deepcopy(spec)
+    if preset is not None:
+        out["preset"] = preset
+    if seeds is not None:
+        out.setdefault("matrix", {})["seed"] = list(seeds)
+    axes = list(out.get("matrix") or {})
+    for text in sets:
+        key = text.split("=", 1)[0].strip()
+        clash = [a for a in axes if key == a or key.startswith(a + ".") or a.startswith(key + ".")]
+        if clash:
+            raise ConfigError(f"--set {text!r} sets the bench's matrix axis {clash[0]!r}; change the "
+                              "axis in the bench file (or --seeds for the seed axis) instead")
+        out["base"] = deep_merge(out.get("base") or {}, parse_override(text))
+    out["overrides"] = overrides
+    return out
+
+
+def overrides_digest(overrides: Optional[dict[str, Any]]) -> str:
+    """Eight hex digits naming a set of overrides (default folder ``runs/bench-<name>-<digest>``)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def quick_look_line(overrides: Optional[dict[str, Any]]) -> Optional[str]:
+    """The line that marks a table made with overrides, so it is never taken for the real one."""
+    if not overrides:
+        return None
+    parts = []
+    if overrides.get("preset"):
+        parts.append(f"preset {overrides['preset']}")
+    if overrides.get("seeds") is not None:
+        parts.append(f"seeds {overrides['seeds']}")
+    parts += [f"--set {s}" for s in overrides.get("set") or []]
+    return "quick look: " + ", ".join(parts) + " (not the shipped bench's settings)"
+
+
+def check_out_overrides(out: Path, overrides: Optional[dict[str, Any]], force: bool) -> None:
+    """Refuse to mix cells made with other overrides into ``out`` (unless ``force``)."""
+    previous_file = out / "bench.yaml"
+    if force or not previous_file.is_file():
+        return
+    previous = (read_yaml_file(previous_file) or {}).get("overrides")
+    if (previous or None) != (overrides or None):
+        raise ConfigError(f"{out} holds a bench made with other overrides ({quick_look_line(previous) or 'none'}); "
+                          "choose another --out or pass --force")
 
 
 def expand(spec: dict[str, Any]) -> list[Cell]:
@@ -87,7 +166,7 @@ def expand(spec: dict[str, Any]) -> list[Cell]:
         values = dict(zip(keys, combo))
         layer = spec.get("base") or {}
         for key, value in values.items():
-            layer = deep_merge(layer, parse_override(f"{key}={json.dumps(value)}"))
+            layer = deep_merge(layer, parse_override(f"{key}={json.dumps(_config_value(value))}"))
         config = load_config(spec.get("preset"), None, [layer])  # validates now, not mid-bench
         try:
             # Plugin names and options too (the backbone is built on the meta device: no cost).
@@ -99,7 +178,7 @@ def expand(spec: dict[str, Any]) -> list[Cell]:
     duplicates = sorted({s for s in slugs if slugs.count(s) > 1})
     if duplicates:
         raise ConfigError(f"bench cells would share a folder name: {duplicates}; give the "
-                          "components distinct names")
+                          "components distinct names or labels ({name: ..., label: ..., options: ...})")
     return cells
 
 
@@ -200,7 +279,9 @@ def _finished_meta(cell_dir: Path, cell: Cell) -> Optional[dict[str, Any]]:
 
 def run_bench(path: Path, out: Optional[Path] = None,
               echo: Any = print, store: Optional[Path] = None,
-              tables_only: bool = False, jobs: int = 1) -> dict[str, Any]:
+              tables_only: bool = False, jobs: int = 1, preset: Optional[str] = None,
+              seeds: Optional[list[int]] = None, sets: tuple[str, ...] = (),
+              force: bool = False) -> dict[str, Any]:
     """Run (or continue) a bench and write its tables; returns the aggregate.
 
     ``tables_only`` runs nothing: it aggregates the cells finished so far.
@@ -212,12 +293,17 @@ def run_bench(path: Path, out: Optional[Path] = None,
     small CPU, single-threaded processes side by side get more done than one process with
     every thread).  Cells of one seed run one at a time until the first of them has finished
     (see :func:`next_startable`).
+
+    ``preset``, ``seeds`` and ``sets`` give a quick look (:func:`apply_overrides`): its default
+    folder is its own, and an ``out`` made with other overrides is refused unless ``force``.
     """
     if jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {jobs}")
-    spec = load_bench(path)
+    spec = apply_overrides(load_bench(path), preset, seeds, sets)
     cells = expand(spec)
-    out = Path(out or Path("runs") / f"bench-{spec['name']}")
+    suffix = f"-{overrides_digest(spec['overrides'])}" if spec["overrides"] else ""
+    out = Path(out or Path("runs") / f"bench-{spec['name']}{suffix}")
+    check_out_overrides(out, spec["overrides"], force)
     (out / "cells").mkdir(parents=True, exist_ok=True)
     store = Path(store) if store is not None else out / "store"
     io.write_yaml(out / "bench.yaml", spec)
@@ -276,7 +362,7 @@ def run_bench(path: Path, out: Optional[Path] = None,
         meta = _finished_meta(cell_dir, cell)
         if meta is not None:
             records.append({"cell": cell, "results": json.loads((cell_dir / "results.json").read_text()),
-                            "meta": meta})
+                            "meta": meta, "dir": cell_dir})
     return write_tables(spec, records, out)
 
 
@@ -285,12 +371,25 @@ def _group_key(values: dict[str, Any]) -> tuple:
 
 
 def _show(value: Any) -> Any:
-    """A table cell for an axis value (a component mapping shows its name)."""
-    return value["name"] if isinstance(value, dict) and "name" in value else value
+    """A table cell for an axis value (a component mapping shows its label, else its name)."""
+    if isinstance(value, dict):
+        return value.get("label", value.get("name", value))
+    return value
+
+
+def _config_value(value: Any) -> Any:
+    """An axis value as the config sees it: a component's display ``label`` is the bench's own."""
+    if isinstance(value, dict) and "label" in value:
+        return {k: v for k, v in value.items() if k != "label"}
+    return value
 
 
 def aggregate(spec: dict[str, Any], records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean ± std over seeds of each cell group's final mIoU per split and stage."""
+    """Mean ± std over seeds of each cell group's final mIoU per split and stage.
+
+    ``seeds`` and ``confusions`` (the path of each seed's per-image confusion file, ``None``
+    where a cell has none) are aligned with ``mious``.  A record's ``dir`` is its cell folder.
+    """
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for rec in records:
         groups.setdefault(_group_key(rec["cell"].values), []).append(rec)
@@ -299,37 +398,122 @@ def aggregate(spec: dict[str, Any], records: list[dict[str, Any]]) -> list[dict[
         by_row: dict[tuple, list[float]] = {}
         by_policy: dict[tuple, dict[str, list[float]]] = {}
         protocols: dict[tuple, dict[str, Any]] = {}
+        # Per row, not per group: a cell lacking a row must not shift the seed pairing.
+        seeds_by_row: dict[tuple, list[Any]] = {}
+        files_by_row: dict[tuple, list[Optional[str]]] = {}
+        ami_by_row: dict[tuple, list[float]] = {}
         for rec in recs:
+            seed = rec["cell"].values.get("seed", rec["results"].get("seed"))
             for r in rec["results"]["rows"]:
                 ident = (r["split"], r.get("round", ""), r["protocol"]["stage"])
                 by_row.setdefault(ident, []).append(r["miou"])
+                seeds_by_row.setdefault(ident, []).append(seed)
+                files_by_row.setdefault(ident, []).append(
+                    str(Path(rec["dir"]) / r["confusions"]) if rec.get("dir") and r.get("confusions") else None)
                 protocols[ident] = r["protocol"]
                 for name, policy in (r.get("policies") or {}).items():
                     by_policy.setdefault(ident, {}).setdefault(name, []).append(policy["miou"])
-        seeds = [rec["cell"].values.get("seed", rec["results"].get("seed")) for rec in recs]
+                if r.get("subtype_ami") is not None:  # SC-CAM rounds on data with declared sub-types
+                    ami_by_row.setdefault(ident, []).append(float(r["subtype_ami"]))
         for ident, values in sorted(by_row.items(), key=lambda kv: (str(kv[0][1]), kv[0][0])):
             arr = np.array(values, dtype=float)
             rows.append({
                 "group": dict((k, json.loads(v)) for k, v in key), "split": ident[0],
                 "round": ident[1], "stage": ident[2], "n": int(arr.size),
                 "miou_mean": float(arr.mean()), "miou_std": float(arr.std(ddof=1)) if arr.size > 1 else 0.0,
-                "mious": arr.tolist(), "seeds": seeds, "protocol": protocols[ident],
+                "mious": arr.tolist(), "seeds": seeds_by_row[ident], "confusions": files_by_row[ident],
+                "protocol": protocols[ident],
                 # Other threshold policies of the same CAMs (mean over seeds; oracle = upper bound).
                 "policies": {name: float(np.mean(v)) for name, v in by_policy.get(ident, {}).items()
                              if len(v) == arr.size},
+                # Mean sub-type AMI of the round's clusters over seeds (None where not measured).
+                "subtype_ami_mean": (float(np.mean(ami_by_row[ident]))
+                                     if len(ami_by_row.get(ident, [])) == arr.size else None),
                 "seconds_mean": float(np.mean([r["meta"]["seconds"] for r in recs])),
                 "peak_rss_mb_max": float(max(r["meta"]["peak_rss_mb"] for r in recs)),
             })
     return rows
 
 
-def paired_deltas(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def paired_t_test(diffs: Sequence[float]) -> tuple[float, float, float]:
+    """One-sample t-test of paired differences against 0: ``(mean, standard error, p)``.
+
+    ``p`` is two-sided with ``n - 1`` degrees of freedom.  Differences that are all equal (and
+    not 0) have no spread: standard error 0 and p = 0, the limit of the t statistic.
+    """
+    d = np.asarray(diffs, dtype=float)
+    if d.size < 2:
+        raise ValueError(f"a paired t-test needs at least 2 differences, got {d.size}")
+    mean = float(d.mean())
+    se = float(d.std(ddof=1) / np.sqrt(d.size))
+    if se == 0.0:
+        return mean, 0.0, 0.0 if mean != 0.0 else 1.0
+    p = float(2.0 * stats.t.sf(abs(mean / se), d.size - 1))
+    return mean, se, p
+
+
+def t_interval(diffs: Sequence[float], level: float = 1.0 - ALPHA) -> tuple[float, float]:
+    """The two-sided ``level`` t-interval of the mean of paired differences (``n - 1`` d.o.f.)."""
+    mean, se, _ = paired_t_test(diffs)
+    half = float(stats.t.ppf(0.5 + level / 2.0, len(diffs) - 1)) * se
+    return mean - half, mean + half
+
+
+def holm(pvalues: Sequence[float], alpha: float = ALPHA) -> tuple[list[float], list[int]]:
+    """Holm-adjusted p-values and each hypothesis's step multiplier, in the input order.
+
+    Sorted ascending, hypothesis j (1-based) is tested at ``alpha / (m - j + 1)`` while every
+    earlier one was rejected; its adjusted p-value is ``max_{i <= j} min(1, (m - i + 1) p_(i))``
+    and it is rejected iff that is below ``alpha``.  The multiplier is ``m - j + 1`` for the
+    rejected steps; once the step-down stops at step k, every later hypothesis keeps step k's
+    multiplier ``m - k + 1`` (see :func:`paired_deltas` for why).  Ties keep the input order.
+    """
+    p = np.asarray(pvalues, dtype=float)
+    m = p.size
+    order = np.argsort(p, kind="stable")
+    steps = m - np.arange(m)                        # m, m-1, ..., 1
+    adjusted_sorted = np.minimum(1.0, np.maximum.accumulate(steps * p[order]))
+    rejected = int((adjusted_sorted < alpha).sum())  # monotone: the first `rejected` steps
+    multiplier_sorted = np.where(np.arange(m) < rejected, steps, m - rejected)
+    adjusted = np.empty(m)
+    multipliers = np.empty(m, dtype=int)
+    adjusted[order] = adjusted_sorted
+    multipliers[order] = multiplier_sorted
+    return adjusted.tolist(), multipliers.tolist()
+
+
+def separated(n: int, interval: Optional[Sequence[float]]) -> str:
+    """``yes`` when the (corrected) interval excludes 0, ``no`` when it holds 0, ``n/a`` with
+    fewer than 2 paired seeds (no interval)."""
+    if n < 2 or interval is None:
+        return "n/a"
+    low, high = interval
+    return "yes" if low > 0.0 or high < 0.0 else "no"
+
+
+def paired_deltas(rows: list[dict[str, Any]], alpha: float = ALPHA) -> list[dict[str, Any]]:
     """Each row against its split's baseline (the split's first row), paired by seed.
 
     Seeds are the natural pairing: cells of one seed share data order, initialisation and (in a
     shared store) the very same baseline classifier, so per-seed differences remove most of
-    the run-to-run variance.  ``beyond_spread``: the difference of the means is larger than the
-    sample std over seeds of both the row and the baseline.
+    the run-to-run variance.  ``beyond_spread`` (kept for older readers; the tables show
+    ``separated``): the difference of the means is larger than the sample std over seeds of
+    both the row and the baseline.
+
+    Seed intervals: a paired t-test and t-interval of the per-seed differences (training seeds
+    vary, the images are the same every seed), Holm-corrected over the family of the returned
+    rows with at least 2 paired seeds (the rows of one table).  Row i's interval has level
+    ``1 - alpha / m_i`` with m_i its Holm step multiplier (:func:`holm`), so it excludes 0
+    exactly when Holm rejects (adjusted p below ``alpha``): for a rejected row, m_i is its own
+    step's; the rows where the step-down stopped all get the stopping step's m - k + 1, which
+    is also the Holm-consistent simultaneous interval of Strassburger & Bretz (2008) for the
+    non-rejected set (Bonferroni over it).  For rejected rows that procedure only certifies
+    the sign; the two-sided interval at the step's level shown here is the informative,
+    decision-consistent choice, not a guaranteed joint coverage (all rows at ``1 - alpha/m``,
+    plain Bonferroni, would be, at the cost of disagreeing with Holm's decisions).
+
+    Added keys: ``seeds`` and ``diffs`` (paired), ``p_value``, ``p_holm``, ``ci_level``,
+    ``ci`` (``[low, high]`` fraction, or ``None``) and ``separated`` (:func:`separated`).
     """
     baselines: dict[str, dict[str, Any]] = {}
     for r in rows:
@@ -340,17 +524,145 @@ def paired_deltas(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if r is base:
             continue
         base_by_seed = {s: m for s, m in zip(base["seeds"], base["mious"]) if s is not None}
-        diffs = [m - base_by_seed[s] for s, m in zip(r["seeds"], r["mious"]) if s in base_by_seed]
-        if not diffs:
+        paired = [(s, m - base_by_seed[s]) for s, m in zip(r["seeds"], r["mious"]) if s in base_by_seed]
+        if not paired:
             continue
-        diff = np.array(diffs)
+        diff = np.array([d for _, d in paired])
         if not diff.any():
             continue  # the baseline itself (e.g. the round-0 classifier every cell shares)
         gap = abs(r["miou_mean"] - base["miou_mean"])
         out.append({"row": r, "baseline": base, "n": int(diff.size), "mean": float(diff.mean()),
                     "std": float(diff.std(ddof=1)) if diff.size > 1 else 0.0,
-                    "beyond_spread": bool(gap > r["miou_std"] and gap > base["miou_std"])})
+                    "beyond_spread": bool(gap > r["miou_std"] and gap > base["miou_std"]),
+                    "seeds": [s for s, _ in paired], "diffs": diff.tolist(),
+                    "p_value": None, "p_holm": None, "ci_level": None, "ci": None, "separated": "n/a"})
+    family = [d for d in out if d["n"] >= 2]
+    for d in family:
+        d["p_value"] = paired_t_test(d["diffs"])[2]
+    adjusted, multipliers = holm([d["p_value"] for d in family], alpha)
+    for d, p_holm, m_i in zip(family, adjusted, multipliers):
+        d["p_holm"], d["ci_level"] = p_holm, 1.0 - alpha / m_i
+        d["ci"] = list(t_interval(d["diffs"], d["ci_level"]))
+        d["separated"] = separated(d["n"], d["ci"])
     return out
+
+
+def bootstrap_miou_difference(pairs: Sequence[tuple[np.ndarray, np.ndarray]],
+                              resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
+                              level: float = 1.0 - ALPHA) -> dict[str, Any]:
+    """Paired per-image bootstrap of the mIoU difference ``a - b``, pooled over training seeds.
+
+    ``pairs`` holds, per training seed, the per-image confusions ``[N, K, K]`` of method a and
+    of method b over the same N images in the same order.  Each resample draws N image indices
+    with replacement (one draw shared by both methods and every seed: the images are the
+    sampled unit, the models fixed), sums the drawn images' confusions and takes the mIoU
+    difference; the per-seed differences are averaged per resample.  Returns the percentile
+    interval (``low``, ``high``), the full-sample ``estimate`` (mean over seeds) and the
+    settings.  Vectorised: the resample counts form a ``[R, N]`` matrix, the summed confusions
+    one product with the ``[N, K*K]`` per-image counts (exact in float64 below 2**53 pixels).
+    """
+    if not pairs:
+        raise ValueError("bootstrap_miou_difference needs at least one (a, b) pair")
+    n = pairs[0][0].shape[0]
+    for a, b in pairs:
+        if a.shape != b.shape or a.shape[0] != n or a.ndim != 3:
+            raise ValueError(f"confusions of shapes {a.shape} and {b.shape}: expected equal [N, K, K], N = {n}")
+    if n == 0:
+        raise ValueError("no images to resample")
+    flat = [(a.reshape(n, -1).astype(np.float64), b.reshape(n, -1).astype(np.float64)) for a, b in pairs]
+    k = pairs[0][0].shape[1]
+    rng = np.random.default_rng(seed)
+    diffs = np.empty(resamples)
+    block = max(1, min(resamples, (1 << 22) // n))   # bounds the [block, N] count matrix's memory
+    for start in range(0, resamples, block):
+        size = min(block, resamples - start)
+        index = rng.integers(0, n, size=(size, n))
+        counts = np.bincount((np.arange(size)[:, None] * n + index).ravel(),
+                             minlength=size * n).reshape(size, n).astype(np.float64)
+        per_seed = [miou_from_confusions((counts @ a).reshape(size, k, k))
+                    - miou_from_confusions((counts @ b).reshape(size, k, k)) for a, b in flat]
+        diffs[start:start + size] = np.mean(per_seed, axis=0)
+    estimate = float(np.mean([miou_from_confusions(a.sum(0)) - miou_from_confusions(b.sum(0)) for a, b in pairs]))
+    tail = 100.0 * (1.0 - level) / 2.0
+    low, high = np.nanpercentile(diffs, [tail, 100.0 - tail])
+    return {"low": float(low), "high": float(high), "estimate": estimate, "level": level,
+            "resamples": resamples, "rng_seed": seed, "n_images": n, "n_seeds": len(pairs)}
+
+
+def add_bootstrap(deltas: list[dict[str, Any]], splits: Sequence[str] = BOOTSTRAP_SPLITS,
+                  resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> None:
+    """Set each delta's ``bootstrap`` (:func:`bootstrap_miou_difference`, or ``None``).
+
+    Seeds whose cells both have a per-image confusion file are used, over the images common
+    to all of them; ``None`` where no seed has both files (runs from before they were
+    written), or where the row's split is not in ``splits`` (``bootstrap_split`` says which).
+    """
+    cache: dict[str, tuple[np.ndarray, list[str]]] = {}
+
+    def load(path: str) -> tuple[np.ndarray, list[str]]:
+        if path not in cache:
+            cache[path] = load_confusions(Path(path))
+        return cache[path]
+
+    for d in deltas:
+        d["bootstrap"] = None
+        d["bootstrap_split"] = d["row"]["split"] in splits
+        if not d["bootstrap_split"]:
+            continue
+        files = {}
+        for side in ("row", "baseline"):
+            r = d[side]
+            files[side] = {s: f for s, f in zip(r["seeds"], r.get("confusions") or []) if f and Path(f).is_file()}
+        seeds = [s for s in d["seeds"] if s in files["row"] and s in files["baseline"]]
+        if not seeds:
+            continue
+        loaded = [(load(files["row"][s]), load(files["baseline"][s])) for s in seeds]
+        common = set(loaded[0][0][1])
+        for (_, ids_a), (_, ids_b) in loaded:
+            common &= set(ids_a) & set(ids_b)
+        order = [i for i in loaded[0][0][1] if i in common]
+        if not order:
+            continue
+        pairs = []
+        for (conf_a, ids_a), (conf_b, ids_b) in loaded:
+            if conf_a.shape[1:] != conf_b.shape[1:]:
+                raise DataError(f"per-image confusions of {d['row']['split']} have {conf_a.shape[1]} and "
+                                f"{conf_b.shape[1]} classes; the bench rows are not comparable")
+            pos_a = {i: n for n, i in enumerate(ids_a)}
+            pos_b = {i: n for n, i in enumerate(ids_b)}
+            pairs.append((conf_a[[pos_a[i] for i in order]], conf_b[[pos_b[i] for i in order]]))
+        d["bootstrap"] = bootstrap_miou_difference(pairs, resamples, seed)
+
+
+def _points(value: float) -> str:
+    return f"{100 * value:+.1f}"
+
+
+def _ci_cell(d: dict[str, Any]) -> str:
+    if d["ci"] is None:
+        return "n/a"
+    return f"[{_points(d['ci'][0])}, {_points(d['ci'][1])}] ({100 * d['ci_level']:.1f} %)"
+
+
+def _p_cell(p: Optional[float]) -> str:
+    return "n/a" if p is None else "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _bootstrap_cell(d: dict[str, Any]) -> str:
+    if not d.get("bootstrap_split"):
+        return "–"
+    boot = d.get("bootstrap")
+    return "n/a" if boot is None else f"[{_points(boot['low'])}, {_points(boot['high'])}]"
+
+
+def _relative(path: Optional[str], out: Path) -> Optional[str]:
+    """A confusion file's path as bench.json records it: relative to the bench folder."""
+    if path is None:
+        return None
+    try:
+        return os.path.relpath(path, out)
+    except ValueError:   # another drive (Windows)
+        return path
 
 
 def write_tables(spec: dict[str, Any], records: list[dict[str, Any]], out: Path) -> dict[str, Any]:
@@ -361,26 +673,40 @@ def write_tables(spec: dict[str, Any], records: list[dict[str, Any]], out: Path)
     titles = [labels.get(a, a) for a in axes]
     policies = [p for p in ("heldout", "oracle") if any(p in r.get("policies", {}) for r in rows)]
     policy_titles = {"heldout": "held-out thr. %", "oracle": "oracle thr. % (upper bound)"}
+    show_ami = any(r.get("subtype_ami_mean") is not None for r in rows)
     header = [*titles, "split", "round", "stage", "mIoU % (mean ± std)",
-              *[policy_titles[p] for p in policies], "n seeds", "time / cell (s)", "peak RSS (MB)"]
+              *[policy_titles[p] for p in policies], *(["sub-type AMI"] if show_ami else []),
+              "n seeds", "time / cell (s)", "peak RSS (MB)"]
     table = []
     for r in rows:
+        ami = r.get("subtype_ami_mean")
         table.append([*[_show(r["group"].get(a)) for a in axes], r["split"], r["round"], r["stage"],
                       f"{pct(r['miou_mean'])} ± {pct(r['miou_std'])}",
                       *[pct(r["policies"][p]) if p in r.get("policies", {}) else "" for p in policies],
+                      *([f"{ami:.3f}" if ami is not None else ""] if show_ami else []),
                       r["n"], f"{r['seconds_mean']:.0f}", f"{r['peak_rss_mb_max']:.0f}"])
     deltas = paired_deltas(rows)
+    add_bootstrap(deltas)
+    boot_title = f"{'/'.join(BOOTSTRAP_SPLITS)} Δ bootstrap {100 * (1 - ALPHA):.0f} % (images)"
     delta_table = [[*[_show(d["row"]["group"].get(a)) for a in axes], d["row"]["split"], d["row"]["round"],
                     d["row"]["stage"], f"{100 * d['mean']:+.1f} ± {100 * d['std']:.1f}", d["n"],
-                    "yes" if d["beyond_spread"] else "no"] for d in deltas]
+                    _ci_cell(d), _p_cell(d["p_holm"]), d["separated"], _bootstrap_cell(d)] for d in deltas]
     proto = rows[0]["protocol"] if rows else {}
     seeds = sorted({s for r in rows for s in r["seeds"] if s is not None})
     md = [f"# Bench: {spec['name']}", "",
           f"Protocol: CAM seeds (stage `cam` = head-weight CAM; other stages name the post-hoc "
           f"method), threshold policy `{proto.get('threshold_policy')}` (background score "
           f"{proto.get('threshold')}), ignore label {proto.get('ignore_index')}, mIoU over "
-          f"{proto.get('mean_over')}; seeds {seeds}; std is the sample std over seeds.", "",
+          f"{proto.get('mean_over')}; seeds {seeds}; std is the sample std over seeds. Paired "
+          f"intervals against the baseline: over training seeds with the data fixed (t, Holm), "
+          f"and over {'/'.join(BOOTSTRAP_SPLITS)} images with the trained models fixed (bootstrap)."
+          + (" Sub-type AMI: mean over seeds of the adjusted mutual information between the round's "
+             "sub-category clusters and the dataset's true sub-types (0 = unrelated, 1 = the same "
+             "partition)." if show_ami else ""), "",
           markdown_table(header, table), ""]
+    quick = quick_look_line(spec.get("overrides"))
+    if quick:
+        md[1:1] = [f"**{quick}**", ""]
     if deltas:
         base = deltas[0]["baseline"]
         named = ", ".join(f"{t} {_show(base['group'].get(a))}" for t, a in zip(titles, axes))
@@ -388,11 +714,23 @@ def write_tables(spec: dict[str, Any], records: list[dict[str, Any]], out: Path)
                f"Baseline: the first row of each split ({named}, "
                f"round {base['round']}, stage `{base['stage']}`). Δ is paired by seed (same seed, "
                "same data order; mean ± sample std of the per-seed differences, fixed threshold). "
-               "*Beyond spread*: the difference of the means exceeds the run-to-run std over "
-               "seeds of both the row and the baseline. Rows equal to the baseline seed for seed "
-               "(the shared round-0 classifier) are left out.", "",
+               "*Seed CI*: paired t-interval of the per-seed differences; it covers training "
+               "seeds with the data fixed (the same images every seed), not another sample of "
+               f"images. It is Holm-corrected over the rows of this table (family-wise "
+               f"{100 * ALPHA:.0f} %): a row's level is 1 − {ALPHA}/m with m its Holm step "
+               "multiplier (the level is shown beside the interval), so it excludes 0 exactly when the Holm-adjusted "
+               f"p is below {ALPHA}. *Separated*: yes when that interval excludes 0, no when it "
+               "holds 0, n/a with fewer than 2 paired seeds. "
+               f"*Bootstrap*: paired per-image bootstrap of the mIoU difference on "
+               f"{'/'.join(BOOTSTRAP_SPLITS)} ({BOOTSTRAP_RESAMPLES} resamples of the images, the "
+               "same images for both methods, per-seed differences averaged; 2.5/97.5 "
+               "percentiles, not corrected for multiplicity): how much the difference moves "
+               "with another sample of images, the trained models fixed. n/a where the cells "
+               "kept no per-image confusions (older runs); – on other splits. Rows equal to the "
+               "baseline seed for seed (the shared round-0 classifier) are left out.", "",
                markdown_table([*titles, "split", "round", "stage", "Δ mIoU points (paired)", "n seeds",
-                               "beyond spread"], delta_table), ""]
+                               "seed CI, Holm (points)", "p (Holm)", "separated", boot_title],
+                              delta_table), ""]
     io.write_text(out / "bench.md", "\n".join(md))
     buffer = _io.StringIO()
     writer = csv.writer(buffer)
@@ -405,26 +743,63 @@ def write_tables(spec: dict[str, Any], records: list[dict[str, Any]], out: Path)
                          r["protocol"].get("threshold"), r["protocol"].get("ignore_index"),
                          f"{r['seconds_mean']:.2f}", f"{r['peak_rss_mb_max']:.1f}"])
     io.write_text(out / "bench.csv", buffer.getvalue())
-    io.write_json(out / "bench.json", {"name": spec["name"], "spec": spec, "rows": rows,
+    json_rows = [{**r, "confusions": [_relative(f, out) for f in r.get("confusions") or []]} for r in rows]
+    io.write_json(out / "bench.json", {"name": spec["name"], "spec": spec, "rows": json_rows,
+                                       "overrides": spec.get("overrides"),
                                        "deltas": [{k: v for k, v in d.items() if k not in ("row", "baseline")}
                                                   | {"split": d["row"]["split"], "group": d["row"]["group"],
-                                                     "round": d["row"]["round"], "stage": d["row"]["stage"]}
+                                                     "round": d["row"]["round"], "stage": d["row"]["stage"],
+                                                     "alpha": ALPHA}
                                                   for d in deltas]})
-    io.write_text(out / "bench.tex", latex_table(titles, axes, rows))
-    return {"rows": rows, "out": str(out), "markdown": "\n".join(md)}
+    tex_note = f"% {quick}\n" if quick else ""
+    io.write_text(out / "bench.tex", tex_note + latex_table(titles, axes, rows) + "\n" + latex_delta_table(titles, axes, deltas))
+    return {"rows": rows, "deltas": deltas, "out": str(out), "markdown": "\n".join(md)}
+
+
+def _esc(text: Any) -> str:
+    return re.sub(r"([_%&#$])", r"\\\1", str(text))
 
 
 def latex_table(titles: list[str], axes: list[str], rows: list[dict[str, Any]]) -> str:
     """A booktabs table: axes, split, round, stage, mIoU mean ± std."""
-    def esc(text: Any) -> str:
-        return re.sub(r"([_%&#$])", r"\\\1", str(text))
-
     cols = "l" * (len(titles) + 3) + "r"
     lines = [r"\begin{tabular}{" + cols + "}", r"\toprule",
-             " & ".join([*map(esc, titles), "split", "round", "stage", r"mIoU (\%)"]) + r" \\", r"\midrule"]
+             " & ".join([*map(_esc, titles), "split", "round", "stage", r"mIoU (\%)"]) + r" \\", r"\midrule"]
     for r in rows:
-        cells = [*[esc(_show(r["group"].get(a))) for a in axes], esc(r["split"]), esc(r["round"]), esc(r["stage"]),
-                 f"${100 * r['miou_mean']:.1f} \\pm {100 * r['miou_std']:.1f}$"]
+        cells = [*[_esc(_show(r["group"].get(a))) for a in axes], _esc(r["split"]), _esc(r["round"]),
+                 _esc(r["stage"]), f"${100 * r['miou_mean']:.1f} \\pm {100 * r['miou_std']:.1f}$"]
+        lines.append(" & ".join(cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}", ""]
+    return "\n".join(lines)
+
+
+def latex_delta_table(titles: list[str], axes: list[str], deltas: list[dict[str, Any]]) -> str:
+    """A booktabs table of the paired differences to the baseline: Δ, the Holm-corrected seed
+    t-interval and adjusted p, ``separated`` and the per-image bootstrap interval (points)."""
+    if not deltas:
+        return ""
+
+    def interval(low: float, high: float) -> str:
+        return f"$[{100 * low:+.1f}, {100 * high:+.1f}]$"
+
+    cols = "l" * (len(titles) + 3) + "rrrrlr"
+    lines = [r"% Seed CI: paired t over training seeds (data fixed), Holm-corrected across rows",
+             r"% (row i at level 1 - alpha/m_i, m_i its Holm step multiplier; levels in bench.json);",
+             f"% bootstrap: {BOOTSTRAP_RESAMPLES} resamples of the {'/'.join(BOOTSTRAP_SPLITS)} images "
+             "(models fixed), 95 % percentile interval.",
+             r"\begin{tabular}{" + cols + "}", r"\toprule",
+             " & ".join([*map(_esc, titles), "split", "round", "stage", r"$\Delta$ mIoU", "n",
+                         r"seed CI (Holm)", r"$p_\mathrm{Holm}$", "separated",
+                         r"bootstrap 95\,\%"]) + r" \\", r"\midrule"]
+    for d in deltas:
+        r = d["row"]
+        boot = d.get("bootstrap")
+        cells = [*[_esc(_show(r["group"].get(a))) for a in axes], _esc(r["split"]), _esc(r["round"]),
+                 _esc(r["stage"]), f"${100 * d['mean']:+.1f} \\pm {100 * d['std']:.1f}$", str(d["n"]),
+                 interval(*d["ci"]) if d["ci"] is not None else "n/a",
+                 _esc(_p_cell(d["p_holm"])).replace("<", r"$<$"), d["separated"],
+                 interval(boot["low"], boot["high"]) if boot is not None
+                 else ("n/a" if d.get("bootstrap_split") else "--")]
         lines.append(" & ".join(cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}", ""]
     return "\n".join(lines)

@@ -33,6 +33,8 @@ OPTIONAL_SUFFIXES = ("num_batches_tracked",)
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """Load a checkpoint file safely; return ``{"state_dict": ..., "meta": ...}``."""
     path = Path(path)
+    if path.is_dir():
+        raise WeightsError(f"{path}: is a directory; give the checkpoint file inside it (e.g. {path}/round0.pth)")
     if not path.is_file():
         raise WeightsError(f"{path}: weights file not found")
     try:

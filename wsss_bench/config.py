@@ -23,12 +23,15 @@ from .registry import format_validation_error
 
 
 Precision = Literal["fp32", "bf16", "fp16", "auto"]
+MIN_SCALE, MAX_SCALE = 1 / 32, 8.0
+MAX_SEED = 2**32 - 1
 
 
 class Strict(BaseModel):
     """Base model: unknown keys are errors and values are checked on assignment."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # NaN and infinities are never meaningful settings (``train.lr=.inf`` trained to NaN before).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ComponentConfig(Strict):
@@ -93,8 +96,10 @@ class CamConfig(Strict):
     @field_validator("scales")
     @classmethod
     def _positive(cls, value: list[float]) -> list[float]:
-        if not value or any(s <= 0 for s in value):
-            raise ValueError("must be a non-empty list of positive scales")
+        # Above 8x an image's maps no longer fit in memory for VOC-sized inputs; below 1/32 a
+        # stride-32 backbone sees less than one pixel.
+        if not value or any(not (MIN_SCALE <= s <= MAX_SCALE) for s in value):
+            raise ValueError(f"must be a non-empty list of scales in [{MIN_SCALE}, {MAX_SCALE}]")
         return value
 
 
@@ -118,7 +123,8 @@ class EvalConfig(Strict):
 class RunConfig(Strict):
     """Everything one ``wsss run`` needs."""
 
-    seed: int = 0
+    # numpy's legacy RandomState (scikit-learn's seeds) takes [0, 2**32); torch takes more.
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
     device: str = "auto"
     preset: Optional[str] = None
     quiet: bool = False

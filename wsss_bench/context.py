@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from . import checkpoints, io
+from .architecture import backbone_for_checkpoint
 from .components import create_backbone, create_clusterer
 from .config import RunConfig
 from .data.voc import VOCDataset
@@ -29,7 +30,7 @@ from .engine.cams import CamFunction, extract_features, infer_split
 from .engine.model import PARENT, Classifier
 from .engine.train import train_classifier
 from .errors import ConfigError, WeightsError
-from .evaluation.evaluate import evaluate_cams, result_row
+from .evaluation.evaluate import evaluate_cams, result_row, save_confusions
 from .evaluation.thresholds import compare_policies, plot_curves, save_curve
 from .manifest import Manifest
 
@@ -111,11 +112,23 @@ class MethodContext:
         # restarts from the same initialisation, as the paper restarts from ImageNet weights.
         torch.manual_seed(self.config.seed)
         backbone = create_backbone(self.config.backbone.name, **self.config.backbone.options)
+        self.record_pretrained(backbone)
         model = Classifier(backbone, self.num_classes, sub_classes, self.config.train.head_dropout)
         weights = init_weights or self.config.train.init_weights
         if weights is not None:
             self.load_backbone_weights(model, Path(weights))
         return model
+
+    def record_pretrained(self, backbone: Any) -> None:
+        """Note in the manifest where a backbone's built-in pretrained weights came from.
+
+        A backbone that loads weights of its own (e.g. from an installed package) may expose
+        ``pretrained_source``: a dict such as ``{"file": ..., "sha256": ...}``.
+        """
+        source = getattr(backbone, "pretrained_source", None)
+        if source and self.manifest is not None and self.manifest.data.get("pretrained") != source:
+            self.manifest.data["pretrained"] = source
+            self.manifest.save()
 
     def load_backbone_weights(self, model: Classifier, path: Path) -> None:
         """Initialise the backbone only (ImageNet ``.params`` or any ``.pth``); heads stay fresh."""
@@ -132,14 +145,29 @@ class MethodContext:
 
     def load_classifier(self, path: Path) -> Classifier:
         """A classifier shaped after the heads found in ``path``, with its weights."""
-        state = checkpoints.read_checkpoint(Path(path))["state_dict"]
+        found = checkpoints.read_checkpoint(Path(path))
+        state = found["state_dict"]
         sizes = checkpoints.head_sizes(state)
-        if sizes.get(PARENT, self.num_classes) != self.num_classes:
+        if PARENT not in sizes:
+            raise WeightsError(f"{path}: holds a backbone without a classifier head (no fc8, fc8_20 or "
+                               f"heads.parent), so it gives no CAMs; such a file initialises training: "
+                               f"--set train.init_weights={path}")
+        if sizes[PARENT] != self.num_classes:
             raise WeightsError(f"{path}: parent head has {sizes[PARENT]} classes but the dataset "
                                f"has {self.num_classes}")
-        backbone = create_backbone(self.config.backbone.name, **self.config.backbone.options)
+        # The architecture comes from the file (recorded, or read off its keys by a backbone
+        # plugin), so `--weights FILE` alone fits PSA's, SC-CAM's and our own checkpoints.
+        choice = backbone_for_checkpoint(state, found["meta"], self.config.backbone.name,
+                                         self.config.backbone.options)
+        if choice.source != "configured" and (choice.name, choice.options) != (
+                self.config.backbone.name, dict(self.config.backbone.options)):
+            log.info("%s: backbone %s %s (%s from the checkpoint)", path, choice.name, choice.options, choice.source)
+        backbone = create_backbone(choice.name, **choice.options)
         model = Classifier(backbone, self.num_classes, sizes.get("sub", 0), self.config.train.head_dropout)
         checkpoints.load_into(model, state, str(path))
+        if self.manifest is not None:
+            self.manifest.data.setdefault("checkpoints", {})[str(path)] = {
+                "backbone": {"name": choice.name, "options": choice.options}, "backbone_source": choice.source}
         return model.to(self.device).eval()
 
     # -- steps --------------------------------------------------------------------------------
@@ -297,8 +325,12 @@ class MethodContext:
                 link_tree(out, stored)
                 io.write_text(stored / "complete", "")
             self.record(f"cams:{folder}:{split}", inputs, [out], started, reused)
-            result = evaluate_cams(out, dataset, self.config.eval.threshold, self.device, stage=stage)
-            return result_row(result, tag, head, out.relative_to(self.run_dir), row)
+            result = evaluate_cams(out, dataset, self.config.eval.threshold, self.device, stage=stage,
+                                   per_image=True)
+            scored = result_row(result, tag, head, out.relative_to(self.run_dir), row)
+            # Per-image confusions: what the bench's paired bootstrap over images resamples.
+            scored["confusions"] = save_confusions(self.run_dir, f"confusions/{tag}-{stage}-{split}.npz", result)
+            return scored
 
         return self.job.on_main(finish_and_score)
 

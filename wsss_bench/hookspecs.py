@@ -32,7 +32,13 @@ def register_backbones(register: Register) -> None:
     returns an ``nn.Module`` whose ``forward(x)`` gives the final feature map ``[N, C, h, w]``
     (the map CAMs are read from) and that exposes ``out_channels: int`` and ``stride: int``.
     Optional: ``load_pretrained(path)`` and ``trainable_groups()``.  ``options`` may be a
-    pydantic model class used to validate the factory's keyword arguments.
+    pydantic model class used to validate the factory's keyword arguments.  The factory may
+    expose ``options_from_state_dict(state_dict) -> dict | None``: the options that rebuild the
+    architecture of a checkpoint's backbone tensors (keys as the module names them), or None
+    when they are not its layout; inference from a file without recorded metadata asks every
+    backbone (:mod:`wsss_bench.architecture`).  A backbone may also expose
+    ``pretrained_source`` (a dict naming the weights file it loaded and its sha256), which the
+    run manifest records.
     """
 
 
@@ -42,7 +48,10 @@ def register_clusterers(register: Register) -> None:
 
     Call ``register(name, factory, help="one line", options=None)``.  ``factory(**options)``
     returns an object with ``fit_predict(features: np.ndarray[N, D], k: int, seed: int) ->
-    np.ndarray[N]`` of integer labels in ``[0, k)``.
+    np.ndarray[N]`` of integer labels in ``[0, k)`` (checked by the host).  Optional:
+    ``fit_predict(..., metadata=None)`` receives a :class:`wsss_bench.clustering.ClusterMetadata`
+    (image ids, the class, its declared true sub-types), and ``choose_k(metadata) -> int`` sets a
+    class's K (see :mod:`wsss_bench.clustering`).
     """
 
 

@@ -590,7 +590,35 @@ def rounds_section(run: Run, plots: Plots) -> Optional[str]:
         parts.append(img_tag(plots.save("miou_per_round", plot_rounds(series)), "mIoU per round", "plot half"))
     if clusters:
         parts.append(cluster_tables(clusters))
+    subtypes = subtype_table(run.results)
+    if subtypes:
+        parts.append(subtypes)
     return "".join(parts)
+
+
+def subtype_table(results: dict[str, Any]) -> Optional[str]:
+    """AMI and purity of each round's clusters against the declared sub-types; None without them."""
+    ami, purity = results.get("subtype_ami") or {}, results.get("subtype_purity") or {}
+    if not ami:
+        return None
+
+    def show(value: Any) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
+    rounds = sorted(ami, key=lambda t: int("".join(c for c in t if c.isdigit()) or 0))
+    classes = list((ami[rounds[0]].get("per_class") or {}).keys())
+    body = []
+    for tag in rounds:
+        for metric, table in (("AMI", ami), ("purity", purity)):
+            scores = table.get(tag) or {}
+            body.append([tag, metric, show(scores.get("mean")),
+                         *[show((scores.get("per_class") or {}).get(name)) for name in classes]])
+    return "".join([
+        "<h3>Sub-categories against the true sub-types</h3>",
+        html_table(["round", "score", "mean", *classes], body, "subtype-scores"),
+        '<p class="note">Adjusted mutual information (0: unrelated to the true sub-types, 1: the '
+        "same partition) and purity of each round's clusters; the mean covers the classes with two "
+        "or more true sub-types (n/a for the others).</p>"])
 
 
 def cluster_tables(clusters: dict[str, Any]) -> str:

@@ -96,14 +96,19 @@ def validate_plugins(config: RunConfig) -> None:
 
 def make_context(config: RunConfig, run_dir: Path, resume: bool = False,
                  eval_splits: Optional[list[str]] = None, require_masks: bool = True,
-                 store: Optional[Path] = None, force: tuple[str, ...] = ()) -> MethodContext:
-    """Validate plugins, pick the device, seed, open the data and the run directory."""
+                 store: Optional[Path] = None, force: tuple[str, ...] = (),
+                 training: bool = True) -> MethodContext:
+    """Validate plugins, pick the device, seed, open the data and the run directory.
+
+    ``training=False`` (inference from a checkpoint) skips what only training needs, such as
+    the ``train.init_weights`` file.
+    """
     validate_plugins(config)
     # Denormal floats (weights decayed towards zero, tiny activations) slow CPU kernels down by
     # an order of magnitude; flushing them changes nothing measurable in CAMs or mIoU.
     torch.set_flush_denormal(True)
     init = config.train.init_weights
-    if init is not None and not Path(init).is_file():
+    if training and init is not None and not Path(init).is_file():
         raise WeightsError(f"{init}: train.init_weights file not found")
     job, device = distributed.setup(config.device)
     seed_everything(config.seed)
@@ -158,6 +163,9 @@ def run(config: RunConfig, out_dir: Optional[Path] = None, resume: bool = False,
         "tables": outcome.get("tables", {}), "torch": torch.__version__,
         "wall_time_s": round(time.perf_counter() - start, 2),
     }
+    # Method-level figures (e.g. SC-CAM's sub-type AMI per round) become top-level keys; they
+    # never replace the host's own.
+    results.update({k: v for k, v in outcome.get("summary", {}).items() if k not in results})
     if job.is_main:
         io.write_json(run_dir / "results.json", results)
         io.write_text(run_dir / "results.md", results_markdown(results))

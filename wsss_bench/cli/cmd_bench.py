@@ -17,17 +17,37 @@ import click
 @click.option("--jobs", "-j", type=click.IntRange(min=1), default=1, show_default=True,
               help="Cells run at once, each with CPU cores / JOBS threads; a seed's other "
                    "cells wait for its first one (it computes their shared stages).")
+@click.option("--preset", help="Quick look: run every cell under this preset (e.g. smoke).")
+@click.option("--seeds", help="Quick look: these seeds instead of the bench's, e.g. 0,1.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Quick look: a config value over the bench's base (not a matrix axis); repeatable.")
+@click.option("--force", is_flag=True, help="Reuse an --out made with other quick-look overrides.")
 def bench_command(bench_file: Path, out: Optional[Path], dry_run: bool, cache_dir: Optional[Path],
-                  tables_only: bool, jobs: int) -> None:
-    """Run every cell of a bench matrix (skipping finished ones) and aggregate over seeds."""
-    from ..bench import expand, load_bench, run_bench
+                  tables_only: bool, jobs: int, preset: Optional[str], seeds: Optional[str],
+                  sets: tuple[str, ...], force: bool) -> None:
+    """Run every cell of a bench matrix (skipping finished ones) and aggregate over seeds.
 
+    --preset, --seeds and --set give a quick look at a bench: its own default folder
+    (runs/bench-<name>-<hash of the overrides>) and tables marked "quick look".
+    """
+    from ..bench import apply_overrides, expand, load_bench, run_bench
+    from ..errors import ConfigError
+
+    seed_list = None
+    if seeds is not None:
+        try:
+            seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+        except ValueError:
+            raise ConfigError(f"--seeds {seeds!r}: expected integers separated by commas, e.g. 0,1") from None
+        if not seed_list:
+            raise ConfigError("--seeds: give at least one seed")
     if dry_run:
-        for cell in expand(load_bench(bench_file)):
+        for cell in expand(apply_overrides(load_bench(bench_file), preset, seed_list, sets)):
             click.echo(cell.slug)
         return
     summary = run_bench(bench_file, out, echo=lambda m: click.echo(m, err=True), store=cache_dir,
-                        tables_only=tables_only, jobs=jobs)
+                        tables_only=tables_only, jobs=jobs, preset=preset, seeds=seed_list,
+                        sets=sets, force=force)
     click.echo(summary["markdown"])
     click.echo(f"bench folder: {summary['out']}")
 

@@ -22,11 +22,20 @@ def check_command(data_root: Path, splits: tuple[str, ...]) -> None:
 
     for split in splits:
         ds = open_split(data_root, split)
+        masked = 0
         for image_id in ds.ids:
             image = ds.load_image(image_id)
             if ds.mask_dir is not None and ds.mask_path(image_id).is_file():
                 ds.load_mask(image_id, image.size)
-        click.echo(f"{split}: {len(ds.ids)} images, {ds.num_classes} classes: ok")
+                masked += 1
+        # `wsss eval` needs a mask for every image: say so here rather than "ok".
+        if masked == len(ds.ids):
+            verdict = "ok"
+        elif masked == 0:
+            verdict = "ok for training, no masks: not scorable"
+        else:
+            verdict = f"ok for training; masks for {masked} of {len(ds.ids)} images: not scorable as a whole"
+        click.echo(f"{split}: {len(ds.ids)} images, {ds.num_classes} classes: {verdict}")
 
 
 def register(cli: click.Group) -> None:

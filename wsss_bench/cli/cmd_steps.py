@@ -27,11 +27,11 @@ def _pairs(values: tuple[str, ...], what: str) -> dict[str, str]:
 
 
 def _context(flags: dict[str, Any], out: Path, eval_splits: Optional[list[str]] = None,
-             require_masks: bool = True) -> Any:
+             require_masks: bool = True, training: bool = True) -> Any:
     from ..runner import make_context
 
     return make_context(resolve_config(**flags), out, resume=True, eval_splits=eval_splits,
-                        require_masks=require_masks)
+                        require_masks=require_masks, training=training)
 
 
 def load_targets(path: Path, rows: int) -> np.ndarray:
@@ -81,7 +81,7 @@ def train_command(out: Path, tag: str, targets: tuple[str, ...], loss_weight: tu
 @click.option("--tag", default="round0", show_default=True, help="Writes OUT/features/TAG.npy.")
 def extract_features_command(out: Path, weights: Path, tag: str, **flags: Any) -> None:
     """Image-level features (GAP of the last feature map) of the training split."""
-    ctx = _context(flags, out, eval_splits=[])
+    ctx = _context(flags, out, eval_splits=[], training=False)
     model = ctx.load_classifier(weights)
     feats = ctx.features(model, tag)
     click.echo(f"features {feats.shape}: {ctx.run_dir / 'features' / (tag + '.npy')}")
@@ -101,7 +101,7 @@ def cams_command(out: Path, weights: Path, head: str, splits: tuple[str, ...], t
     from ..engine.cams import infer_split
     from ..evaluation.tables import pct
 
-    ctx = _context(flags, out, eval_splits=list(splits) or None, require_masks=not no_eval)
+    ctx = _context(flags, out, eval_splits=list(splits) or None, require_masks=not no_eval, training=False)
     model = ctx.load_classifier(weights)
     if head == "sub" and "sub" not in model.heads:
         raise ConfigError(f"{weights}: the checkpoint has no sub-category head")

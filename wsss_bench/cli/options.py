@@ -7,14 +7,15 @@ from typing import Any, Callable, Optional
 import click
 
 from ..config import RunConfig, load_config
+from ..errors import ConfigError
 
 
 def config_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """Decorate a command with the options that resolve a :class:`RunConfig`."""
     options = [
         click.option("--preset", help="Preset from configs/presets (default: 'default'; 'smoke' is tiny)."),
-        click.option("--config", "config_file", type=click.Path(path_type=Path),
-                     help="YAML config file layered over the preset."),
+        click.option("--config", "config_file", type=click.Path(path_type=Path), multiple=True,
+                     help="YAML config file layered over the preset (once; it may name a preset)."),
         click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
                      help="Override one config value, e.g. --set train.epochs=3 (repeatable)."),
         click.option("--method", help="CAM method plugin (see `wsss list methods`)."),
@@ -31,11 +32,18 @@ def config_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
-def resolve_config(preset: Optional[str], config_file: Optional[Path], sets: tuple[str, ...],
+def resolve_config(preset: Optional[str], config_file: Any, sets: tuple[str, ...],
                    method: Optional[str], backbone: Optional[str], dataset: Optional[str],
                    data_root: Optional[Path], device: Optional[str], seed: Optional[int],
                    quiet: bool, **_: Any) -> RunConfig:
     """Layer the command-line flags between the config file and ``--set``."""
+    if isinstance(config_file, (tuple, list)):
+        if len(config_file) > 1:
+            # Keeping the last one silently dropped the others; there is no merge order a user
+            # could guess, so say so instead.
+            raise ConfigError(f"--config given {len(config_file)} times ({', '.join(map(str, config_file))}); "
+                              "give one file (it may set `preset:`) and add single values with --set")
+        config_file = config_file[0] if config_file else None
     flags: dict[str, Any] = {}
     if method:
         flags["method"] = {"name": method}

@@ -8,6 +8,7 @@ Every dataset, real or synthetic, ends up as such a tree::
     ROOT/ImageSets/Segmentation/<split>.txt
     ROOT/class_names.txt                   optional: foreground names, one per line (else VOC's 20)
     ROOT/cls_labels.json                   optional: {id: [0-based foreground classes]}
+    ROOT/subtype_labels.json               optional: true sub-types (wsss_bench.data.subtypes)
 
 Split lines may be bare ids (``2007_000032``) or PSA/SC-CAM pairs
 (``/JPEGImages/2007_000032.jpg /SegmentationClassAug/2007_000032.png``).
@@ -18,12 +19,15 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .subtypes import SubtypeTruth
 
 VOC_CLASSES = [
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -76,7 +80,13 @@ def read_split(root: Path, split: str) -> list[str]:
     path = Path(root) / SPLIT_DIR / f"{split}.txt"
     if not path.is_file():
         known = ", ".join(available_splits(root)) or "none"
-        raise DataError(f"{path}: split list not found (available splits: {known})")
+        hint = ""
+        if split == "train_aug":
+            # VOC 2012 ships train/val only; train_aug is the SBD-augmented list PSA/SC-CAM train on.
+            hint = ("; train_aug is the SBD-augmented training list (10,582 ids, from the SBD "
+                    "release), not part of VOC 2012 itself: add it, or train on another split with "
+                    "--set dataset.train_split=train")
+        raise DataError(f"{path}: split list not found (available splits: {known}){hint}")
     ids: list[str] = []
     seen: dict[str, int] = {}
     for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
@@ -227,6 +237,12 @@ class VOCDataset:
     def label(self, image_id: str) -> np.ndarray:
         """Multi-hot float32 ``[C]`` image-level label."""
         return self.labels[image_id]
+
+    def subtype_truth(self) -> Optional["SubtypeTruth"]:
+        """The tree's declared true sub-types (``subtype_labels.json``), or None when it has none."""
+        from .subtypes import read_subtype_truth
+
+        return read_subtype_truth(self.root, self.num_classes)
 
     def subset(self, limit: Optional[int]) -> "VOCDataset":
         """The first ``limit`` ids (all when ``limit`` is None)."""

@@ -1,6 +1,8 @@
 """Classifier training: the PSA/SC-CAM recipe (poly-LR SGD, 10x heads, multi-label soft margin)."""
 from __future__ import annotations
 
+import logging
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -19,9 +21,15 @@ from ..data.transforms import TrainTransform
 from ..data.voc import VOCDataset
 from ..device import autocast, derive_seed
 from ..distributed import Distributed
-from ..errors import ConfigError
-from ..progress import progress_bar
+from ..errors import ConfigError, UserError
+from ..progress import epoch_line, on_terminal, progress_bar
 from .model import PARENT, Classifier
+
+_log = logging.getLogger("wsss_bench")
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite; nothing of the training is written."""
 
 
 class LabelledImages(Dataset):
@@ -133,7 +141,8 @@ def train_classifier(model: Classifier, dataset: VOCDataset, cfg: TrainConfig,
         loader = DataLoader(data, batch_sampler=batches_of_epoch, num_workers=cfg.num_workers)
         totals: dict[str, float] = {}
         batches = progress_bar(loader, f"{description} epoch {epoch + 1}/{cfg.epochs}",
-                               show_progress, total=steps_per_epoch)
+                               show_progress, total=steps_per_epoch, summary=False)
+        epoch_start, epoch_seen = time.perf_counter(), seen
         for images, batch_targets in batches:
             for group in optimizer.param_groups:
                 group["lr"] = poly_lr(group["initial_lr"], step, max_step, cfg.poly_power)
@@ -150,8 +159,22 @@ def train_classifier(model: Classifier, dataset: VOCDataset, cfg: TrainConfig,
             step += 1
             seen += images.shape[0]
             for name, value in losses.items():
-                totals[name] = totals.get(name, 0.0) + float(value.detach())
+                number = float(value.detach())
+                if not math.isfinite(number):
+                    # Stop before anything non-finite is saved (checkpoint, CAMs); the resume
+                    # state of a diverging training would only diverge again: removed.
+                    if state_file is not None and job.is_main:
+                        Path(state_file).unlink(missing_ok=True)
+                    raise TrainingDiverged(
+                        f"{description}: training diverged at epoch {epoch + 1}, step {step} ({name} loss "
+                        f"{number}); lower train.lr (now {cfg.lr}) or train.head_lr_mult (now {cfg.head_lr_mult})")
+                totals[name] = totals.get(name, 0.0) + number
         log.epoch_losses.append({k: v / max(1, steps_per_epoch) for k, v in totals.items()})
+        if show_progress and not on_terminal():
+            elapsed = time.perf_counter() - epoch_start
+            rate = (seen - epoch_seen) / elapsed if elapsed > 0 else 0.0
+            _log.info(epoch_line(description, epoch + 1, cfg.epochs, log.epoch_losses[-1], rate,
+                                 elapsed * (cfg.epochs - epoch - 1)))
         if epoch == cfg.snapshot_epoch:
             snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if state_file is not None and job.is_main:

@@ -21,8 +21,13 @@ RANGE_TOLERANCE = 1e-3
 
 
 def write_cam(path: Path, keys: np.ndarray, cams: np.ndarray) -> None:
-    """Atomically write one CAM file (float32 maps, int64 keys)."""
-    io.write_npz(Path(path), keys=np.asarray(keys, np.int64), cams=np.asarray(cams, np.float32))
+    """Atomically write one CAM file (float32 maps, int64 keys); non-finite maps are refused."""
+    maps = np.asarray(cams, np.float32)
+    if not np.isfinite(maps).all():
+        # A NaN map would only fail later, at scoring, naming this file; say where it came from.
+        raise CamFileError(f"{path}: the model produced NaN or infinite CAMs (a diverged or damaged "
+                           "classifier); the file was not written")
+    io.write_npz(Path(path), keys=np.asarray(keys, np.int64), cams=maps)
 
 
 def read_cam(path: Path, num_classes: Optional[int] = None,

@@ -1,6 +1,7 @@
 """Score a folder of CAM files against a split's ground-truth masks."""
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -8,6 +9,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from .. import io
 from ..data.voc import VOCDataset, open_split
 from ..errors import DataError
 from ..progress import progress_bar
@@ -27,6 +29,11 @@ class EvalResult:
     confusion: np.ndarray = field(repr=False)
     num_images: int = 0
     protocol: dict[str, Any] = field(default_factory=dict)
+    #: ``[N, C+1, C+1]`` int64 confusion of each image (``evaluate_cams(per_image=True)``);
+    #: sums exactly to ``confusion``.  Not in :meth:`to_dict`: it goes to its own file.
+    per_image: Optional[np.ndarray] = field(default=None, repr=False)
+    #: The image ids of ``per_image``'s rows, in order.
+    ids: list[str] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (the confusion matrix as nested lists)."""
@@ -47,11 +54,15 @@ def result_row(result: EvalResult, tag: str, head: str, cam_dir: Path,
 
 def evaluate_cams(cam_dir: Path, dataset: VOCDataset, threshold: float = DEFAULT_THRESHOLD,
                   device: torch.device | str = "cpu", show_progress: bool = False,
-                  stage: str = "cam") -> EvalResult:
-    """Accumulate the confusion of every image of ``dataset`` whose CAM is in ``cam_dir``."""
+                  stage: str = "cam", per_image: bool = False) -> EvalResult:
+    """Accumulate the confusion of every image of ``dataset`` whose CAM is in ``cam_dir``.
+
+    ``per_image`` also keeps each image's confusion (``EvalResult.per_image``), for paired
+    bootstraps over images (:func:`save_confusions`).
+    """
     cam_dir = Path(cam_dir)
     check_cam_dir(cam_dir, dataset.ids, dataset.split)
-    acc = ConfusionAccumulator(dataset.num_classes, device)
+    acc = ConfusionAccumulator(dataset.num_classes, device, keep_per_update=per_image)
     for image_id in progress_bar(dataset.ids, f"eval {dataset.split}", show_progress):
         mask = dataset.load_mask(image_id, dataset.image_size(image_id))
         keys, cams = read_cam(cam_dir / f"{image_id}.npz", dataset.num_classes, mask.shape)
@@ -66,7 +77,39 @@ def evaluate_cams(cam_dir: Path, dataset: VOCDataset, threshold: float = DEFAULT
                 "threshold": threshold, "ignore_index": 255,
                 "mean_over": "classes present in ground truth"}
     return EvalResult(dataset.split, threshold, scores["miou"],
-                      class_table(dataset.class_names, scores), confusion, len(dataset.ids), protocol)
+                      class_table(dataset.class_names, scores), confusion, len(dataset.ids), protocol,
+                      per_image=acc.per_update() if per_image else None,
+                      ids=list(dataset.ids) if per_image else [])
+
+
+def save_confusions(run_dir: Path, relative: str, result: EvalResult) -> str:
+    """Write ``result``'s per-image confusions to ``run_dir/relative`` (atomic, compressed).
+
+    The ``.npz`` holds ``confusions`` (``[N, C+1, C+1]`` int64), ``ids`` (unicode, N), ``split``
+    and ``threshold``; no object arrays, so it loads with ``allow_pickle=False``.  Returns
+    ``relative``, the path a result row records (key ``confusions``).
+    """
+    if result.per_image is None or len(result.ids) != len(result.per_image):
+        raise ValueError("save_confusions needs evaluate_cams(..., per_image=True)")
+    arrays = {"confusions": result.per_image.astype(np.int64),
+              "ids": np.array(result.ids, dtype=np.str_), "split": np.array(result.split, dtype=np.str_),
+              "threshold": np.array(result.threshold, dtype=np.float64)}
+    io.write_with(Path(run_dir) / relative, lambda handle: np.savez_compressed(handle, **arrays))
+    return relative
+
+
+def load_confusions(path: Path) -> tuple[np.ndarray, list[str]]:
+    """The per-image confusions ``[N, K, K]`` int64 and image ids of a :func:`save_confusions` file."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            confusions, ids = data["confusions"], [str(i) for i in data["ids"]]
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        raise DataError(f"{path}: not a per-image confusion file ({exc})") from None
+    if confusions.ndim != 3 or confusions.shape[1] != confusions.shape[2] or len(ids) != len(confusions):
+        raise DataError(f"{path}: confusions of shape {confusions.shape} for {len(ids)} ids; "
+                        "expected [N, K, K] with N ids")
+    return confusions.astype(np.int64, copy=False), ids
 
 
 def evaluate_cam_dir(cam_dir: Path, data_root: Path, split: str = "train", threshold: float = DEFAULT_THRESHOLD,

@@ -50,9 +50,15 @@ class PixelConfusionMatrix(MulticlassConfusionMatrix):
 class ConfusionAccumulator:
     """Accumulates a ``[C+1, C+1]`` confusion matrix (rows = ground truth) on a device."""
 
-    def __init__(self, num_classes: int, device: torch.device | str = "cpu") -> None:
+    def __init__(self, num_classes: int, device: torch.device | str = "cpu",
+                 keep_per_update: bool = False) -> None:
         self.num_classes = num_classes + 1
         self.device = torch.device(device)
+        # Per-update confusions (one per image) are the difference of the running matrix
+        # before and after each update, kept on the device: they sum exactly (integer counts,
+        # a telescoping sum) to the matrix ``compute`` returns, and cost no host sync per image.
+        self._keep_per_update = keep_per_update
+        self._per_update: list[torch.Tensor] = []
         # validate_args=False: inputs are produced and checked by us, and validation is a full
         # pass over every pixel.  sync_on_compute=False: under torchrun one process scores a
         # whole split; torchmetrics would otherwise wait for the others inside compute().
@@ -70,11 +76,25 @@ class ConfusionAccumulator:
             raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(gt.shape)} differ")
         if pred.is_floating_point() or gt.is_floating_point():
             raise ValueError("label maps must be integer arrays")
+        before = self.metric.confmat.clone() if self._keep_per_update else None
         self.metric.update(pred.to(self.device), gt.to(self.device))
+        if before is not None:
+            self._per_update.append(self.metric.confmat - before)
 
     def compute(self) -> np.ndarray:
         """The confusion matrix as int64 numpy."""
         return self.metric.compute().cpu().numpy().astype(np.int64)
+
+    def per_update(self) -> np.ndarray:
+        """``[N, C+1, C+1]`` int64: the confusion of each of the N updates, in order.
+
+        Only with ``keep_per_update=True``; ``per_update().sum(0)`` equals :meth:`compute`.
+        """
+        if not self._keep_per_update:
+            raise RuntimeError("ConfusionAccumulator(keep_per_update=True) keeps per-update confusions")
+        if not self._per_update:
+            return np.zeros((0, self.num_classes, self.num_classes), np.int64)
+        return torch.stack(self._per_update).cpu().numpy().astype(np.int64)
 
 
 def scores_from_confusion(confusion: np.ndarray) -> dict[str, np.ndarray | float]:
@@ -93,6 +113,23 @@ def scores_from_confusion(confusion: np.ndarray) -> dict[str, np.ndarray | float
     miou = float(np.nanmean(iou)) if present.any() else float("nan")
     return {"iou": iou, "precision": precision, "recall": recall, "miou": miou,
             "present": present}
+
+
+def miou_from_confusions(confusions: np.ndarray) -> np.ndarray:
+    """mIoU of each of a stack of confusion matrices ``[..., K, K]`` (rows = ground truth).
+
+    The same convention as :func:`scores_from_confusion` (IoU over the classes present in the
+    ground truth; NaN where no class is), vectorised over the leading axes for bootstraps.
+    """
+    confusions = np.asarray(confusions, dtype=np.float64)
+    tp = np.diagonal(confusions, axis1=-2, axis2=-1)
+    gt = confusions.sum(axis=-1)
+    pred = confusions.sum(axis=-2)
+    present = gt > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = np.where(present, tp / (gt + pred - tp), 0.0)
+        count = present.sum(axis=-1)
+        return np.where(count > 0, iou.sum(axis=-1) / count, np.nan)
 
 
 def cams_to_labels(keys: np.ndarray | torch.Tensor, cams: torch.Tensor, threshold: float) -> torch.Tensor:
