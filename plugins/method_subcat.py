@@ -69,9 +69,13 @@ def class_k(options: SubcatOptions, class_names: list[str]) -> list[int]:
 
 
 def class_metadata(labels: np.ndarray, ids: list[str], class_names: list[str],
-                   truth: Optional[SubtypeTruth]) -> list[ClusterMetadata]:
-    """What a clusterer may know about each class's images (ids, true sub-types if declared)."""
-    matrix = truth.matrix(ids) if truth is not None else None
+                   truth: Optional[SubtypeTruth], matrix: Optional[np.ndarray] = None) -> list[ClusterMetadata]:
+    """What a clusterer may know about each class's images (ids, true sub-types if declared).
+
+    ``matrix`` is ``truth.matrix(ids)`` when the caller has it already.
+    """
+    if truth is not None and matrix is None:
+        matrix = truth.matrix(ids)
     out: list[ClusterMetadata] = []
     for c, name in enumerate(class_names):
         members = np.flatnonzero(labels[:, c] > 0)
@@ -157,7 +161,8 @@ class SubCategoryCam:
         clusterer = ctx.clusterer(opts.clusterer.name, opts.clusterer.options)
         labels = np.stack([ctx.train_set.label(i) for i in ctx.train_set.ids])
         truth = ctx.train_set.subtype_truth()
-        metadata = class_metadata(labels, ctx.train_set.ids, ctx.class_names, truth)
+        truth_matrix = truth.matrix(ctx.train_set.ids) if truth is not None else None
+        metadata = class_metadata(labels, ctx.train_set.ids, ctx.class_names, truth, truth_matrix)
         ks = chosen_ks(class_k(opts, ctx.class_names), clusterer, metadata)
         k_max = max(ks)
         if opts.round0_weights is not None:
@@ -177,8 +182,8 @@ class SubCategoryCam:
                                                       ctx.config.seed, metadata))
             stats[f"round{r}"] = cluster_stats(assignment, previous, ctx.class_names)
             diag: dict[str, Any] = {}
-            if truth is not None:
-                diag = subtype_scores(assignment, truth.matrix(ctx.train_set.ids), ctx.class_names)
+            if truth_matrix is not None:
+                diag = subtype_scores(assignment, truth_matrix, ctx.class_names)
                 diagnostics[f"round{r}"] = diag
                 ctx.info(f"round{r}: sub-type AMI {_fmt(diag['ami']['mean'])}, "
                          f"purity {_fmt(diag['purity']['mean'])} (against the dataset's true sub-types)")

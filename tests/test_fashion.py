@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from wsss_bench.errors import UserError
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -601,7 +603,7 @@ def test_incomplete_or_foreign_trees(tmp_path, fake_idx):
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
-    with pytest.raises(fm.UserError):
+    with pytest.raises(UserError):
         fm.generate(foreign, spec)
     assert (foreign / "notes.txt").read_text() == "keep me"
 
@@ -662,7 +664,7 @@ def test_cli_data_fashion(tmp_path, fake_idx, core_defines_data):
     again = CliRunner().invoke(cli, args)
     assert again.exit_code == 0 and "reused" in again.output
     bad = CliRunner().invoke(cli, ["data", "fashion", "--out", str(out), "--image-size", "8"])
-    assert bad.exit_code != 0 and isinstance(bad.exception, fm.UserError)
+    assert bad.exit_code != 0 and isinstance(bad.exception, UserError)
 
 
 # ----------------------------------------------------------------------------- the real thing

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from wsss_bench.errors import UserError
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -317,7 +319,7 @@ def test_regenerates_over_other_spec_but_not_foreign_folder(tmp_path):
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
-    with pytest.raises(synth.UserError):
+    with pytest.raises(UserError):
         synth.generate(foreign, _spec(n_train_aug=2, n_train=1, n_val=0))
     assert (foreign / "notes.txt").read_text() == "keep me"
 
@@ -423,4 +425,4 @@ def test_cli_data_synth(tmp_path, core_defines_data):
     again = CliRunner().invoke(cli, args)
     assert again.exit_code == 0 and "reused" in again.output
     bad = CliRunner().invoke(cli, ["data", "synth", "--out", str(out), "--num-classes", "0"])
-    assert bad.exit_code != 0 and isinstance(bad.exception, synth.UserError)
+    assert bad.exit_code != 0 and isinstance(bad.exception, UserError)

@@ -18,20 +18,12 @@ from typing import Any, Iterable, Optional
 import torch
 
 from . import __version__, io
+from .io import file_sha256
 from .config import RunConfig
 from .data.voc import SPLIT_DIR, VOCDataset
 from .plugins import plugin_infos
 
 MANIFEST = "manifest.json"
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def tree_sha256(paths: Iterable[Path]) -> str:

@@ -45,11 +45,14 @@ class Component:
         return self.factory(**self.validate_options(options))
 
 
-def format_validation_error(exc: ValidationError) -> str:
-    """Render a pydantic error as one line: ``a.b: message; c: message``."""
+def format_validation_error(exc: ValidationError, root: str = "(root)") -> str:
+    """Render a pydantic error as one line: ``a.b: message; c: message``.
+
+    ``root`` names errors that belong to no field (a model-level validator).
+    """
     parts = []
     for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "(root)"
+        where = ".".join(str(p) for p in err["loc"]) or root
         parts.append(f"{where}: {err['msg']}")
     return "; ".join(parts)
 

@@ -5,8 +5,13 @@ Public API for plugin authors, so that generators do not import each other:
 * :func:`encode_jpeg`, :func:`encode_png`, :func:`dump_json`: deterministic file bytes;
 * :func:`install_tree`: build a tree in a temporary sibling folder and rename it into place, so
   a crash never leaves a partial tree where a complete one is expected;
+* :func:`read_marker` and :func:`replaceable`: the tree's completeness marker (a JSON file
+  written last) and whether an existing folder may be replaced by a generator;
 * :func:`option_flags`: one ``--flag`` per field of a pydantic options model;
 * :func:`add_data_command`: add a sub-command to ``wsss data``;
+* :func:`generator_command`: the ``wsss data <name> --out DIR [--preview PNG] [--option ...]``
+  command of a generator, built from its options model;
+* :func:`options_error`: a pydantic error on one line, for the plugin's own messages;
 * :func:`write_preview`: a PNG grid of images beside their colourised masks.
 """
 from __future__ import annotations
@@ -21,9 +26,10 @@ from typing import Any, Callable
 import click
 import numpy as np
 from PIL import Image
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from ..errors import PluginError, UserError
+from ..registry import format_validation_error
 
 
 def encode_jpeg(image: np.ndarray, quality: int) -> bytes:
@@ -43,6 +49,26 @@ def encode_png(mask: np.ndarray) -> bytes:
 def dump_json(obj: Any, sort_keys: bool = True) -> bytes:
     """Indented JSON bytes with a final newline (stable across runs)."""
     return (json.dumps(obj, indent=1, sort_keys=sort_keys) + "\n").encode()
+
+
+def read_marker(root: Path, name: str) -> dict[str, Any] | None:
+    """The JSON object in ``root/name`` (a generator's marker, written last), or None."""
+    try:
+        meta = json.loads((Path(root) / name).read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def replaceable(folder: Path, marker: str, generator: str) -> bool:
+    """Whether ``folder`` may be replaced: it is empty, or a tree written by ``generator``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return False
+    if not any(folder.iterdir()):
+        return True
+    meta = read_marker(folder, marker)
+    return meta is not None and meta.get("generator") == generator
 
 
 def install_tree(out: Path, write: Callable[[Path], Any], is_complete: Callable[[Path], bool],
@@ -100,6 +126,41 @@ def option_flags(model: type[BaseModel]) -> Callable[[Callable[..., Any]], Calla
         return command
 
     return decorate
+
+
+def options_error(prefix: str, exc: ValidationError) -> str:
+    """``prefix`` followed by the error on one line (model-level errors named ``options``)."""
+    return prefix + format_validation_error(exc, root="options")
+
+
+def generator_command(name: str, help: str, spec_model: type[BaseModel], error_prefix: str,
+                      generate: Callable[[Path, Any], tuple[Path, bool]],
+                      describe: Callable[[Any, bool], str]) -> click.Command:
+    """``wsss data NAME --out DIR [--preview PNG]`` plus one flag per field of ``spec_model``.
+
+    ``generate(out, spec)`` returns ``(path, written)``; ``describe(spec, written)`` the summary
+    line printed after the path.
+    """
+
+    @click.command(name, help=help)
+    @click.option("--out", "out", required=True,
+                  type=click.Path(file_okay=False, path_type=Path),
+                  help="Folder to write the dataset into (created atomically).")
+    @click.option("--preview", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                  help="Also save a PNG grid of images and colourised masks here.")
+    @option_flags(spec_model)
+    def command(out: Path, preview: Path | None, **options: Any) -> None:
+        try:
+            spec = spec_model(**options)
+        except ValidationError as exc:
+            raise UserError(options_error(error_prefix, exc)) from None
+        path, written = generate(out, spec)
+        click.echo(str(path))
+        click.echo(describe(spec, written))
+        if preview is not None:
+            click.echo(f"preview: {write_preview(path, preview)}")
+
+    return command
 
 
 def add_data_command(cli: click.Group, command: click.Command) -> None:
