@@ -43,6 +43,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
+from wsss_bench import io
+from wsss_bench.checkpoints import describe_load_error
 from wsss_bench.errors import ConfigError, WeightsError
 from wsss_bench.hookspecs import hookimpl
 from wsss_bench.weights.mxnet import is_params_file, read_params
@@ -414,9 +416,9 @@ def _read_torch_state(path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for "not a checkpoint"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise WeightsError(
-            f"{path}: neither an MXNet .params file nor a loadable PyTorch state dict ({first[:200]})"
+            f"{path}: neither an MXNet .params file nor a loadable PyTorch state dict "
+            f"({describe_load_error(exc)})"
         ) from None
     if isinstance(obj, Mapping):
         for wrapper in ("state_dict", "model"):
@@ -562,15 +564,7 @@ def convert_weights_command(src: Path, dst: Path, width: float) -> None:
     if not width > 0:
         raise WeightsError(f"--width must be > 0, got {width}")
     state, skipped = convert_params_file(src, width=width)
-    tmp = dst.with_name(dst.name + ".tmp")
-    try:
-        # Write-then-rename: an interrupted run never leaves a truncated OUT.pth behind.
-        torch.save(state, tmp)
-        os.replace(tmp, dst)
-    except OSError as exc:
-        raise WeightsError(f"{dst}: cannot write: {exc.strerror or exc}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    io.write_torch(dst, state)  # write-then-rename: never a truncated OUT.pth
     values = sum(t.numel() for t in state.values())
     click.echo(f"wrote {dst}: {len(state)} tensors ({values / 1e6:.2f} M values)")
     if skipped:

@@ -222,6 +222,8 @@ class Case:
     args: list[object]
     needles: list[str]
     absent: list[Path] = field(default_factory=list)
+    #: Text the error line must not hold (e.g. torch's advice to load with weights_only=False).
+    forbidden: list[str] = field(default_factory=list)
 
 
 Builder = Callable[[Path], Case]
@@ -298,6 +300,57 @@ def _(tmp: Path) -> Case:
     root = tree(tmp)
     split_file(root).write_text("/SegmentationClassAug/img_000.png /JPEGImages/img_000.jpg\n")
     return Case(eval_args(tmp, root), ["train.txt:1", "/SegmentationClassAug/img_000.png"])
+
+
+# the file system's limits ---------------------------------------------------------------------
+LONG_ID = "x" * 300  # over every common file-name limit (255 bytes) with or without a suffix
+
+
+@case("split-id-longer-than-name-limit-eval")
+def _(tmp: Path) -> Case:
+    root = tree(tmp)
+    split_file(root).write_text(f"img_000\n{LONG_ID}\n")
+    return Case(eval_args(tmp, root), ["train.txt:2", "name limit"])
+
+
+@case("split-id-longer-than-name-limit-data-check")
+def _(tmp: Path) -> Case:
+    root = tree(tmp)
+    split_file(root, "val").write_text(f"img_006\n{LONG_ID}\n")
+    return Case(["data", "check", "--data-root", root, "--split", "val"], ["val.txt:2", "name limit"])
+
+
+@case("split-id-longer-than-name-limit-run")
+def _(tmp: Path) -> Case:
+    root = tree(tmp)
+    split_file(root, "train_aug").write_text(f"img_000\n{LONG_ID}\n")
+    return Case(["train", "--data-root", root, "--out", tmp / "out", *TINY_CAMS],
+                ["train_aug.txt:2", "name limit"], absent=[tmp / "out" / "checkpoints"])
+
+
+@functools.cache
+def decompression_bomb_png() -> bytes:
+    """A real PNG of 14000 x 14000 zeros (190 kB): above PIL's decoding limit of 2 x 89.5 M pixels."""
+    import io
+
+    buffer = io.BytesIO()
+    Image.new("L", (14000, 14000)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@case("image-decompression-bomb")
+def _(tmp: Path) -> Case:
+    root = tree(tmp)
+    (root / "JPEGImages" / f"{BAD}.jpg").write_bytes(decompression_bomb_png())
+    return Case(["data", "check", "--data-root", root, "--split", "train"],
+                [f"{BAD}.jpg", "too large to decode safely"])
+
+
+@case("image-decompression-bomb-eval")
+def _(tmp: Path) -> Case:
+    root = tree(tmp)
+    (root / "JPEGImages" / f"{BAD}.jpg").write_bytes(decompression_bomb_png())
+    return Case(eval_args(tmp, root), [f"{BAD}.jpg", "too large to decode safely"])
 
 
 @case("split-listed-image-missing")
@@ -662,6 +715,14 @@ def _(tmp: Path) -> Case:
     return Case(eval_args(tmp, tree(tmp), cams), [f"{BAD}.npz", "pickle"], absent=[marker])
 
 
+@case("cam-plain-npy-under-npz-name")
+def _(tmp: Path) -> Case:
+    def write(path: Path) -> None:
+        with open(path, "wb") as handle:
+            np.save(handle, np.zeros((1, H, W), np.float32))
+    return Case(eval_args(tmp, tree(tmp), spoil_cam(tmp, write)), [f"{BAD}.npz", ".npy array"])
+
+
 @case("cam-garbage-bytes")
 def _(tmp: Path) -> Case:
     cams = spoil_cam(tmp, lambda p: p.write_bytes(b"PK\x03\x04 definitely not a zip archive"))
@@ -798,6 +859,23 @@ def _(tmp: Path) -> Case:
 def _one_tensor_params() -> bytes:
     arr = np.arange(2 * 3 * 3 * 3, dtype=np.float32).reshape(2, 3, 3, 3)
     return mx_header(1) + mx_v2_record(arr) + mx_names(["arg:conv1a_weight"])
+
+
+@case("mxnet-garbage-as-init-weights")
+def _(tmp: Path) -> Case:
+    # Bytes that torch reads as a pickle and refuses: its message advises weights_only=False.
+    (tmp / "garbage.params").write_bytes(b"\x80\x02" + np.random.default_rng(0).bytes(3000))
+    return Case(["train", "--data-root", tree(tmp), "--out", tmp / "out", *TINY_CAMS,
+                 "--init-weights", tmp / "garbage.params"], ["garbage.params"],
+                absent=[tmp / "out" / "checkpoints"], forbidden=["weights_only=False", "weights_only` set to `False"])
+
+
+@case("resume-into-a-folder-that-holds-no-run")
+def _(tmp: Path) -> Case:
+    (tmp / "out").mkdir()
+    (tmp / "out" / "notes.txt").write_text("my notes\n")
+    return Case(["train", "--data-root", tree(tmp), "--out", tmp / "out", *TINY_CAMS],
+                ["out", "no wsss run"], absent=[tmp / "out" / "checkpoints"])
 
 
 @case("mxnet-missing-file")
@@ -940,6 +1018,8 @@ def test_bad_input_is_one_clean_error_line(build: Builder, tmp_path: Path) -> No
     spec = build(tmp_path)
     result = invoke(spec.args)
     assert_user_error(result, spec.needles, tmp_path, spec.absent)
+    for text in spec.forbidden:
+        assert text not in result.output, describe(result)
 
 
 # -- controls: good inputs that look odd must work -----------------------------------------------------

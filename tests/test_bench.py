@@ -229,3 +229,40 @@ def test_quick_look_overrides_are_layered_marked_and_kept_apart(tmp_path: Path, 
     forced = CliRunner().invoke(cli, ["bench", str(path), "--seeds", "0", "--set", "cams.flip=false",
                                       "--out", str(out)])
     assert forced.exit_code == 0, forced.output  # the same overrides resume the same folder
+
+
+def test_a_failed_cell_does_not_stop_the_bench(tmp_path: Path, tiny_voc: Path) -> None:
+    """One cell that fails at run time and one whose config is rejected: the good cell still
+    runs, every table marks the other two, the summary names their logs, the exit is non-zero;
+    `--dry-run` reports the rejected cell before anything starts."""
+    (tmp_path / "garbage.pth").write_bytes(os.urandom(2048))  # exists: fails only when loaded
+    matrix = (f"  method.name: [cam]\n  train.init_weights: [null, {tmp_path / 'garbage.pth'}, "
+              f"{tmp_path / 'missing.pth'}]\n  seed: [0]\n")
+    path = bench_file(tmp_path, tiny_voc, matrix)
+    dry = CliRunner().invoke(cli, ["bench", str(path), "--dry-run"])
+    assert dry.exit_code == 2, dry.output
+    assert "missing.pth: train.init_weights file not found" in dry.output
+    assert "1 of 3 bench cells would be rejected" in dry.output
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["bench", str(path), "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("Error: 2 of 3 bench cells failed") and "cell.log" in last, last
+    record = json.loads((out / "bench.json").read_text())
+    status = {c["values"]["train.init_weights"]: c["status"] for c in record["cells"]}
+    assert status == {None: "done", str(tmp_path / "garbage.pth"): "failed",
+                      str(tmp_path / "missing.pth"): "invalid"}
+    failed = next(c for c in record["cells"] if c["status"] == "failed")
+    assert "garbage.pth" in failed["reason"] and (out / failed["log"]).is_file()
+    assert {r["group"]["train.init_weights"] for r in record["rows"]} == {None}  # only the good cell scored
+    md = (out / "bench.md").read_text()
+    assert "## Failed and missing cells" in md and md.count("no result (seed 0 ") == 2
+    assert "0 of 1" in (out / "bench.csv").read_text() or "0:failed" in (out / "bench.csv").read_text()
+    assert "no result" in (out / "bench.tex").read_text()
+    # A re-run skips the finished cell and tries the failed one again (it is not "done").
+    again = CliRunner().invoke(cli, ["bench", str(path), "--out", str(out)])
+    assert again.exit_code == 2
+    assert "init_weights-None__seed-0: done, skipped" in again.output
+    assert "garbage.pth__seed-0: done" not in again.output

@@ -19,7 +19,7 @@ def test_disk_full_keeps_previous_file(tmp_path: Path, monkeypatch: pytest.Monke
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(os, "fsync", full)
-    with pytest.raises(UserError, match="results.json: cannot write output .*No space left"):
+    with pytest.raises(UserError, match="results.json: cannot write output .*no space left"):
         io.write_json(target, {"miou": 0.9})
     assert '"miou": 0.5' in target.read_text()
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temp file left

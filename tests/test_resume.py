@@ -131,3 +131,27 @@ def test_changed_setting_recomputes_only_dependent_stages(reference: tuple[Path,
     new, old = cam_arrays(copy), cam_arrays(run)
     assert new.keys() == old.keys()
     assert any(not np.array_equal(new[k], old[k]) for k in new), "CAMs were not recomputed"
+
+
+def test_resume_recomputes_damaged_artifacts(reference: tuple[Path, Path], tmp_path: Path) -> None:
+    """A truncated CAM file, a CAM file edited into another valid one and a truncated checkpoint
+    are found on resume and recomputed: the run ends as the undamaged one, not failing on every
+    retry (or, worse, scoring the edited file)."""
+    import shutil
+
+    root, run = reference
+    copy = tmp_path / "damaged"
+    shutil.copytree(run, copy)
+    truncated = sorted((copy / "cams/round0/val").glob("*.npz"))[0]
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    edited = sorted((copy / "cams/round1/train").glob("*.npz"))[0]
+    with np.load(edited) as data:
+        arrays = {k: data[k].copy() for k in data.files}
+    arrays["cams"] = arrays["cams"] * 0.5  # still a valid CAM file: only its checksum tells
+    with open(edited, "wb") as handle:
+        np.savez(handle, **arrays)
+    checkpoint = copy / "checkpoints/round1.pth"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:2000])
+    stages = resume_stages(root, copy)
+    assert stages["train:round0"] is True and stages["train:round1"] is False  # retrained
+    assert_same_run(run, copy)

@@ -35,10 +35,10 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from scipy import stats
 
-from . import io
+from . import io, runlock
 from .config import deep_merge, load_config, parse_override, read_yaml_file
 from .errors import ConfigError, DataError, UserError
-from .runner import validate_plugins
+from .runner import preflight
 from .evaluation.evaluate import load_confusions
 from .evaluation.miou import miou_from_confusions
 from .evaluation.tables import markdown_table, pct
@@ -62,6 +62,8 @@ class Cell:
 
     values: dict[str, Any]
     config: dict[str, Any]
+    #: Why the cell's config is rejected (it is then never started), else ``None``.
+    error: Optional[str] = None
 
     @property
     def slug(self) -> str:
@@ -157,8 +159,14 @@ def check_out_overrides(out: Path, overrides: Optional[dict[str, Any]], force: b
                           "choose another --out or pass --force")
 
 
-def expand(spec: dict[str, Any]) -> list[Cell]:
-    """Every combination of the matrix values, each validated as a full config."""
+def expand(spec: dict[str, Any], strict: bool = True) -> list[Cell]:
+    """Every combination of the matrix values, each validated as a full config.
+
+    Each cell gets the checks a run makes before it writes anything (:func:`preflight`:
+    config values, plugins and their options, device, data root, weights files).  ``strict``
+    raises the first rejection; otherwise a rejected cell carries its ``error`` and the bench
+    runs the others.
+    """
     matrix = spec.get("matrix") or {}
     keys = list(matrix)
     cells = []
@@ -167,12 +175,14 @@ def expand(spec: dict[str, Any]) -> list[Cell]:
         layer = spec.get("base") or {}
         for key, value in values.items():
             layer = deep_merge(layer, parse_override(f"{key}={json.dumps(_config_value(value))}"))
-        config = load_config(spec.get("preset"), None, [layer])  # validates now, not mid-bench
         try:
-            # Plugin names and options too (the backbone is built on the meta device: no cost).
-            validate_plugins(config)
+            config = load_config(spec.get("preset"), None, [layer])  # validates now, not mid-bench
+            preflight(config)
         except UserError as exc:
-            raise ConfigError(f"bench cell {values}: {exc}") from None
+            if strict:
+                raise ConfigError(f"bench cell {values}: {exc}") from None
+            cells.append(Cell(values, layer, error=str(exc)))
+            continue
         cells.append(Cell(values, config.to_dict()))
     slugs = [c.slug for c in cells]
     duplicates = sorted({s for s in slugs if slugs.count(s) > 1})
@@ -277,6 +287,45 @@ def _finished_meta(cell_dir: Path, cell: Cell) -> Optional[dict[str, Any]]:
     return meta if meta.get("config") == cell.config else None
 
 
+#: A cell whose process failed writes this file; a later success removes it.  ``cell.json`` is
+#: written only for a finished cell; a rejected config writes nothing (it is never started).
+FAILED = "failed.json"
+
+
+def _record_failure(cell_dir: Path, cell: Cell, reason: str, returncode: Optional[int]) -> None:
+    failure = {"config": cell.config, "values": cell.values, "returncode": returncode,
+               "reason": reason, "log": str(cell_dir / "cell.log")}
+    io.write_json(cell_dir / FAILED, failure)
+
+
+def _last_log_line(log_file: Path) -> str:
+    try:
+        lines = log_file.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "no output"
+    return lines[-1] if lines else "no output"
+
+
+def cell_status(cell_dir: Path, cell: Cell) -> dict[str, Any]:
+    """``{"status": done|failed|invalid|missing, ...}`` of one cell as its folder shows it.
+
+    ``missing``: not run (yet), or interrupted.  A failure recorded for another config (the
+    bench file changed since) counts as missing.
+    """
+    if cell.error is not None:
+        return {"status": "invalid", "reason": cell.error, "returncode": None, "log": None}
+    if _finished_meta(cell_dir, cell) is not None:
+        return {"status": "done"}
+    try:
+        failure = json.loads((cell_dir / FAILED).read_text())
+    except (OSError, ValueError):
+        failure = None
+    if isinstance(failure, dict) and failure.get("config") == cell.config:
+        return {"status": "failed", "reason": failure.get("reason"), "returncode": failure.get("returncode"),
+                "log": failure.get("log")}
+    return {"status": "missing", "reason": "not run or interrupted", "returncode": None, "log": None}
+
+
 def run_bench(path: Path, out: Optional[Path] = None,
               echo: Any = print, store: Optional[Path] = None,
               tables_only: bool = False, jobs: int = 1, preset: Optional[str] = None,
@@ -294,24 +343,42 @@ def run_bench(path: Path, out: Optional[Path] = None,
     every thread).  Cells of one seed run one at a time until the first of them has finished
     (see :func:`next_startable`).
 
+    A cell that fails (or whose config is rejected) does not stop the bench: the other cells
+    run, the tables mark what is failed or missing, and the returned ``cells`` say so (the CLI
+    then exits non-zero).  A failed cell is tried again on the next run of the bench.
+
     ``preset``, ``seeds`` and ``sets`` give a quick look (:func:`apply_overrides`): its default
     folder is its own, and an ``out`` made with other overrides is refused unless ``force``.
     """
     if jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {jobs}")
     spec = apply_overrides(load_bench(path), preset, seeds, sets)
-    cells = expand(spec)
+    cells = expand(spec, strict=False)
     suffix = f"-{overrides_digest(spec['overrides'])}" if spec["overrides"] else ""
     out = Path(out or Path("runs") / f"bench-{spec['name']}{suffix}")
     check_out_overrides(out, spec["overrides"], force)
     (out / "cells").mkdir(parents=True, exist_ok=True)
+    if not tables_only:
+        runlock.acquire(out)  # one bench process per folder (a second one would race its cells)
+    try:
+        return _run_cells(spec, cells, out, echo, store, tables_only, jobs)
+    finally:
+        if not tables_only:
+            runlock.release(out)
+
+
+def _run_cells(spec: dict[str, Any], cells: list[Cell], out: Path, echo: Any, store: Optional[Path],
+               tables_only: bool, jobs: int) -> dict[str, Any]:
+    """The cell loop of :func:`run_bench`, then the tables."""
     store = Path(store) if store is not None else out / "store"
     io.write_yaml(out / "bench.yaml", spec)
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
     pending: list[tuple[int, Cell]] = []
     finished_seeds: set[Any] = set()
     for number, cell in enumerate(cells, 1):
-        if _finished_meta(out / "cells" / cell.slug, cell) is not None:
+        if cell.error is not None:
+            echo(f"[{number}/{len(cells)}] {cell.slug}: invalid config, not run: {cell.error}")
+        elif _finished_meta(out / "cells" / cell.slug, cell) is not None:
             finished_seeds.add(_seed_of(cell))
             echo(f"[{number}/{len(cells)}] {cell.slug}: done, skipped")
         elif tables_only:
@@ -319,17 +386,16 @@ def run_bench(path: Path, out: Optional[Path] = None,
         else:
             pending.append((number, cell))
     running: dict[int, _Running] = {}
-    failure: Optional[str] = None
     try:
         while pending or running:
-            while failure is None and len(running) < jobs:
+            while len(running) < jobs:
                 busy = {_seed_of(r.cell) for r in running.values()}
                 pick = next_startable([c for _, c in pending], busy, finished_seeds)
                 if pick is None:
                     break
                 number, cell = pending.pop(pick)
                 cell_dir = out / "cells" / cell.slug
-                cell_dir.mkdir(parents=True, exist_ok=True)
+                runlock.mark_run_folder(cell_dir)  # the cell's `wsss run --resume` writes here
                 echo(f"[{number}/{len(cells)}] {cell.slug}")
                 job = _start_cell(cell, cell_dir, store, threads)
                 running[job.proc.pid] = job
@@ -342,11 +408,15 @@ def run_bench(path: Path, out: Optional[Path] = None,
             meta = _finish_cell(job, status, usage)
             results_file = job.cell_dir / "results.json"
             if meta["returncode"] != 0 or not results_file.is_file():
-                tail = (job.cell_dir / "cell.log").read_text(errors="replace").strip().splitlines()[-1:]
-                failure = failure or (f"bench cell {job.cell.slug} failed (exit {meta['returncode']}): "
-                                      f"{tail[0] if tail else 'no output'}; see {job.cell_dir / 'cell.log'}")
-                continue  # let the running cells finish (they resume anyway), start no new ones
+                # Recorded and reported, not fatal: the other cells go on (they do not need this
+                # one: a cell computes whatever shared stage the store lacks).
+                reason = _last_log_line(job.cell_dir / "cell.log")
+                _record_failure(job.cell_dir, job.cell, reason, meta["returncode"])
+                echo(f"  {job.cell.slug} failed (exit {meta['returncode']}): {reason}; "
+                     f"see {job.cell_dir / 'cell.log'}")
+                continue
             io.write_json(job.cell_dir / "cell.json", {"config": job.cell.config, "values": job.cell.values, **meta})
+            (job.cell_dir / FAILED).unlink(missing_ok=True)
             finished_seeds.add(_seed_of(job.cell))
     except BaseException:
         for job in running.values():  # Ctrl-C or a crash here: do not leave orphans behind
@@ -354,16 +424,15 @@ def run_bench(path: Path, out: Optional[Path] = None,
             job.proc.wait()
             job.log.close()
         raise
-    if failure is not None:
-        raise ConfigError(failure)
-    records = []
+    records, statuses = [], []
     for cell in cells:
         cell_dir = out / "cells" / cell.slug
+        statuses.append({"cell": cell, "dir": cell_dir, **cell_status(cell_dir, cell)})
         meta = _finished_meta(cell_dir, cell)
         if meta is not None:
             records.append({"cell": cell, "results": json.loads((cell_dir / "results.json").read_text()),
                             "meta": meta, "dir": cell_dir})
-    return write_tables(spec, records, out)
+    return write_tables(spec, records, out, statuses)
 
 
 def _group_key(values: dict[str, Any]) -> tuple:
@@ -665,8 +734,78 @@ def _relative(path: Optional[str], out: Path) -> Optional[str]:
         return path
 
 
-def write_tables(spec: dict[str, Any], records: list[dict[str, Any]], out: Path) -> dict[str, Any]:
-    """``bench.md``, ``bench.csv``, ``bench.json`` and ``bench.tex``."""
+def _absent_cells(statuses: Sequence[dict[str, Any]]) -> dict[tuple, list[tuple[Any, str]]]:
+    """Per cell group (the axes but the seed): ``(seed, status)`` of its cells not done."""
+    absent: dict[tuple, list[tuple[Any, str]]] = {}
+    for st in statuses:
+        if st["status"] != "done":
+            cell = st["cell"]
+            seed = cell.values.get("seed", cell.config.get("seed"))
+            absent.setdefault(_group_key(cell.values), []).append((seed, st["status"]))
+    return absent
+
+
+def _absent_text(absent: Sequence[tuple[Any, str]]) -> str:
+    return ", ".join(f"seed {seed} {status}" for seed, status in absent)
+
+
+def _mark_absent(rows: list[dict[str, Any]], statuses: Sequence[dict[str, Any]],
+                 axes: list[str]) -> list[dict[str, Any]]:
+    """Set each row's ``absent`` (its group's failed / invalid / missing cells) and return a
+    placeholder row for every group that has no finished cell at all."""
+    absent = _absent_cells(statuses)
+    for r in rows:
+        r["absent"] = [{"seed": s, "status": st} for s, st in absent.get(_group_key(r["group"]), [])]
+    present = {_group_key(r["group"]) for r in rows}
+    empty = []
+    for st in statuses:
+        key = _group_key(st["cell"].values)
+        if key in absent and key not in present:
+            present.add(key)
+            empty.append({"group": {k: v for k, v in st["cell"].values.items() if k != "seed"},
+                          "absent": [{"seed": s, "status": x} for s, x in absent[key]]})
+    return empty
+
+
+def _n_cell(r: dict[str, Any]) -> str:
+    """The ``n seeds`` cell: ``n``, or ``n of N (seed s failed, ...)`` when cells are absent."""
+    absent = r.get("absent") or []
+    if not absent:
+        return str(r["n"])
+    return f"{r['n']} of {r['n'] + len(absent)} ({_absent_text([(a['seed'], a['status']) for a in absent])})"
+
+
+def _problems_section(statuses: Sequence[dict[str, Any]], out: Path) -> list[str]:
+    """The bench.md section listing every cell not done, with its log."""
+    bad = [st for st in statuses if st["status"] != "done"]
+    if not bad:
+        return []
+    table = [[st["cell"].slug, st["status"], "" if st.get("returncode") is None else st["returncode"],
+              (st.get("reason") or "").replace("|", "\\|")[:300],
+              _relative(st.get("log"), out) or ""] for st in bad]
+    return ["## Failed and missing cells", "",
+            f"{len(bad)} of {len(statuses)} cells are not in the tables above (their rows show fewer "
+            "seeds, marked in the *n seeds* column). *failed*: the cell's run exited with an error "
+            "(tried again on the next `wsss bench`); *invalid*: its config is rejected, so it never "
+            "ran; *missing*: not run yet or interrupted.", "",
+            markdown_table(["cell", "status", "exit", "reason", "log"], table), ""]
+
+
+def cell_records(statuses: Sequence[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
+    """The cells as ``bench.json`` lists them: slug, axis values, status and, when not done, why."""
+    return [{"slug": st["cell"].slug, "values": st["cell"].values, "status": st["status"],
+             **({"reason": st.get("reason"), "returncode": st.get("returncode"),
+                 "log": _relative(st.get("log"), out)} if st["status"] != "done" else {})}
+            for st in statuses]
+
+
+def write_tables(spec: dict[str, Any], records: list[dict[str, Any]], out: Path,
+                 statuses: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    """``bench.md``, ``bench.csv``, ``bench.json`` and ``bench.tex``.
+
+    ``statuses`` (from :func:`cell_status`, one per cell with its ``cell``) mark the failed,
+    invalid and missing cells in every table; without it every cell counts as done.
+    """
     rows = aggregate(spec, records)
     labels = spec.get("labels") or {}
     axes = [k for k in (spec.get("matrix") or {}) if k != "seed"]
@@ -677,6 +816,7 @@ def write_tables(spec: dict[str, Any], records: list[dict[str, Any]], out: Path)
     header = [*titles, "split", "round", "stage", "mIoU % (mean ± std)",
               *[policy_titles[p] for p in policies], *(["sub-type AMI"] if show_ami else []),
               "n seeds", "time / cell (s)", "peak RSS (MB)"]
+    empty_groups = _mark_absent(rows, statuses, axes)
     table = []
     for r in rows:
         ami = r.get("subtype_ami_mean")
@@ -684,7 +824,11 @@ def write_tables(spec: dict[str, Any], records: list[dict[str, Any]], out: Path)
                       f"{pct(r['miou_mean'])} ± {pct(r['miou_std'])}",
                       *[pct(r["policies"][p]) if p in r.get("policies", {}) else "" for p in policies],
                       *([f"{ami:.3f}" if ami is not None else ""] if show_ami else []),
-                      r["n"], f"{r['seconds_mean']:.0f}", f"{r['peak_rss_mb_max']:.0f}"])
+                      _n_cell(r), f"{r['seconds_mean']:.0f}", f"{r['peak_rss_mb_max']:.0f}"])
+    for g in empty_groups:  # every cell of the group failed or is missing: a row says so
+        text = _absent_text([(a["seed"], a["status"]) for a in g["absent"]])
+        table.append([*[_show(g["group"].get(a)) for a in axes], "–", "–", "–", f"no result ({text})",
+                      *["" for _ in policies], *([""] if show_ami else []), f"0 of {len(g['absent'])}", "", ""])
     deltas = paired_deltas(rows)
     add_bootstrap(deltas)
     boot_title = f"{'/'.join(BOOTSTRAP_SPLITS)} Δ bootstrap {100 * (1 - ALPHA):.0f} % (images)"
@@ -703,7 +847,7 @@ def write_tables(spec: dict[str, Any], records: list[dict[str, Any]], out: Path)
           + (" Sub-type AMI: mean over seeds of the adjusted mutual information between the round's "
              "sub-category clusters and the dataset's true sub-types (0 = unrelated, 1 = the same "
              "partition)." if show_ami else ""), "",
-          markdown_table(header, table), ""]
+          markdown_table(header, table), "", *_problems_section(statuses, out)]
     quick = quick_look_line(spec.get("overrides"))
     if quick:
         md[1:1] = [f"**{quick}**", ""]
@@ -735,41 +879,68 @@ def write_tables(spec: dict[str, Any], records: list[dict[str, Any]], out: Path)
     buffer = _io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow([*axes, "split", "round", "stage", "miou_mean", "miou_std", "n", "mious",
-                     "threshold_policy", "threshold", "ignore_index", "seconds_mean", "peak_rss_mb_max"])
+                     "threshold_policy", "threshold", "ignore_index", "seconds_mean", "peak_rss_mb_max",
+                     "absent_cells"])
+
+    def absent_csv(entries: Sequence[dict[str, Any]]) -> str:
+        return " ".join(f"{a['seed']}:{a['status']}" for a in entries)
+
     for r in rows:
         writer.writerow([*[_show(r["group"].get(a)) for a in axes], r["split"], r["round"], r["stage"],
                          f"{r['miou_mean']:.6f}", f"{r['miou_std']:.6f}", r["n"],
                          " ".join(f"{m:.6f}" for m in r["mious"]), r["protocol"].get("threshold_policy"),
                          r["protocol"].get("threshold"), r["protocol"].get("ignore_index"),
-                         f"{r['seconds_mean']:.2f}", f"{r['peak_rss_mb_max']:.1f}"])
+                         f"{r['seconds_mean']:.2f}", f"{r['peak_rss_mb_max']:.1f}", absent_csv(r["absent"])])
+    for g in empty_groups:
+        writer.writerow([*[_show(g["group"].get(a)) for a in axes], "", "", "", "", "", 0, "", "", "", "", "", "",
+                         absent_csv(g["absent"])])
     io.write_text(out / "bench.csv", buffer.getvalue())
     json_rows = [{**r, "confusions": [_relative(f, out) for f in r.get("confusions") or []]} for r in rows]
     io.write_json(out / "bench.json", {"name": spec["name"], "spec": spec, "rows": json_rows,
                                        "overrides": spec.get("overrides"),
+                                       "cells": cell_records(statuses, out),
+                                       "groups_without_result": empty_groups,
                                        "deltas": [{k: v for k, v in d.items() if k not in ("row", "baseline")}
                                                   | {"split": d["row"]["split"], "group": d["row"]["group"],
                                                      "round": d["row"]["round"], "stage": d["row"]["stage"],
                                                      "alpha": ALPHA}
                                                   for d in deltas]})
     tex_note = f"% {quick}\n" if quick else ""
-    io.write_text(out / "bench.tex", tex_note + latex_table(titles, axes, rows) + "\n" + latex_delta_table(titles, axes, deltas))
-    return {"rows": rows, "deltas": deltas, "out": str(out), "markdown": "\n".join(md)}
+    io.write_text(out / "bench.tex", tex_note + latex_table(titles, axes, rows, empty_groups) + "\n"
+                  + latex_delta_table(titles, axes, deltas))
+    return {"rows": rows, "deltas": deltas, "out": str(out), "markdown": "\n".join(md),
+            "cells": cell_records(statuses, out)}
 
 
 def _esc(text: Any) -> str:
     return re.sub(r"([_%&#$])", r"\\\1", str(text))
 
 
-def latex_table(titles: list[str], axes: list[str], rows: list[dict[str, Any]]) -> str:
-    """A booktabs table: axes, split, round, stage, mIoU mean ± std."""
+def latex_table(titles: list[str], axes: list[str], rows: list[dict[str, Any]],
+                empty_groups: Sequence[dict[str, Any]] = ()) -> str:
+    """A booktabs table: axes, split, round, stage, mIoU mean ± std.
+
+    A row over fewer seeds than the bench's (failed or missing cells) is marked with a dagger
+    and a note under the table; a group with no finished cell gets a row that says so.
+    """
     cols = "l" * (len(titles) + 3) + "r"
     lines = [r"\begin{tabular}{" + cols + "}", r"\toprule",
              " & ".join([*map(_esc, titles), "split", "round", "stage", r"mIoU (\%)"]) + r" \\", r"\midrule"]
+    marked = False
     for r in rows:
+        dagger = r"^\dagger" if r.get("absent") else ""
+        marked = marked or bool(dagger)
         cells = [*[_esc(_show(r["group"].get(a))) for a in axes], _esc(r["split"]), _esc(r["round"]),
-                 _esc(r["stage"]), f"${100 * r['miou_mean']:.1f} \\pm {100 * r['miou_std']:.1f}$"]
+                 _esc(r["stage"]), f"${100 * r['miou_mean']:.1f} \\pm {100 * r['miou_std']:.1f}{dagger}$"]
         lines.append(" & ".join(cells) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}", ""]
+    for g in empty_groups:
+        lines.append(" & ".join([*[_esc(_show(g["group"].get(a))) for a in axes], "--", "--", "--",
+                                 "no result"]) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    if marked or empty_groups:
+        lines.append(r"\par\footnotesize $^\dagger$ fewer seeds than the bench's: failed or missing "
+                     r"cells (bench.md lists them).")
+    lines.append("")
     return "\n".join(lines)
 
 

@@ -71,6 +71,10 @@ def describe_load_error(exc: Exception) -> str:
     if "Weights only load failed" in text:
         return "contains pickled objects other than tensors, which are refused (weights_only=True)"
     first = next((line for line in text.splitlines() if line.strip()), type(exc).__name__)
+    if "weights_only" in text or "hasRecord" in text:
+        # torch's own text may advise `weights_only=False`: never steer a user towards running a
+        # file's code.  hasRecord("version"): a zip archive that is not a torch file.
+        return "not a PyTorch checkpoint (unrecognised content)"
     return f"not a readable PyTorch checkpoint ({first[:200]})"
 
 
@@ -147,4 +151,4 @@ def save_checkpoint(path: Path, model: nn.Module, meta: dict[str, Any]) -> None:
     """Atomically save ``model``'s weights with metadata and a content checksum."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     payload = {"format": FORMAT, "state_dict": state, "meta": {**meta, "sha256": _digest(state)}}
-    io.write_with(Path(path), lambda handle: torch.save(payload, handle))
+    io.write_torch(Path(path), payload)

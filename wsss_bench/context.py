@@ -29,6 +29,7 @@ from .distributed import Distributed
 from .engine.cams import CamFunction, extract_features, infer_split
 from .engine.model import PARENT, Classifier
 from .engine.train import train_classifier
+from .evaluation.camfiles import CHECKSUMS, damaged_cam_files, record_checksums
 from .errors import ConfigError, WeightsError
 from .evaluation.evaluate import evaluate_cams, result_row, save_confusions
 from .evaluation.thresholds import compare_policies, plot_curves, save_curve
@@ -205,8 +206,8 @@ class MethodContext:
         self.job.barrier()  # every process now sees the same files and takes the same branch
         started = time.perf_counter()
         inputs = {"digest": key, "images": len(self.train_set.ids), "heads": model.describe()}
-        if path.is_file() and not forced:
-            found = checkpoints.read_checkpoint(path)
+        found = self._readable_checkpoint(path) if not forced else None
+        if found is not None:
             if found["meta"].get("input_digest") == key:
                 self.info(f"{tag}: reusing {path}")
                 checkpoints.load_into(model, found["state_dict"], str(path))
@@ -229,6 +230,19 @@ class MethodContext:
         self.job.barrier()
         return path
 
+    def _readable_checkpoint(self, path: Path) -> Optional[dict[str, Any]]:
+        """Our own checkpoint at ``path``, or ``None``: absent, or damaged and then removed (a
+        truncated file or one failing its checksum is retrained, not trusted or fatal)."""
+        if not path.is_file():
+            return None
+        try:
+            return checkpoints.read_checkpoint(path)
+        except WeightsError as exc:
+            if self.job.is_main:
+                log.warning("%s; training it again", exc)
+                path.unlink(missing_ok=True)
+            return None
+
     def features(self, model: Classifier, tag: str) -> np.ndarray:
         """Image-level features of the training split, saved under ``features/<tag>.npy``."""
         started = time.perf_counter()
@@ -240,8 +254,10 @@ class MethodContext:
         def compute() -> None:
             if stored is not None and stored.is_file() and not self.forced(f"features:{tag}"):
                 link_file(stored, path)
-                self.record(f"features:{tag}", {"key": key}, [path], started, reused=True)
-                return
+                if _readable_array(path):
+                    self.record(f"features:{tag}", {"key": key}, [path], started, reused=True)
+                    return
+                log.warning("%s: damaged stored features, extracting them again", stored)
             feats = extract_features(model, self.train_set, self.device, self.show_progress)
             self.save_array(f"features/{tag}.npy", feats)
             self.record(f"features:{tag}", {"key": key, "split": self.train_set.split}, [path], started)
@@ -300,18 +316,26 @@ class MethodContext:
         forced = self.forced(f"cams:{folder}:{split}")
         reused = stored is not None and (stored / "complete").is_file() and not forced
 
-        def prepare_folder() -> None:
+        def prepare_folder() -> int:
             marker = out / ".inputs"
             if forced or not marker.is_file() or marker.read_text() != key:
                 # CAMs of other inputs (another model or setting) are stale: our own files in
                 # our own run folder, removed before the marker says the folder holds this key.
-                for old in out.glob("*.npz"):
-                    old.unlink()
+                for old in [*out.glob("*.npz"), out / CHECKSUMS]:
+                    old.unlink(missing_ok=True)
                 io.write_text(marker, key)
             if reused:
                 link_tree(stored, out)
+            # Resume trusts nothing it finds: a file changed since it was recorded, truncated or
+            # unreadable is recomputed rather than failing every retry at scoring time.
+            damaged = damaged_cam_files(out, dataset.num_classes)
+            for path in damaged:
+                log.warning("%s: damaged CAM file (checksum or content), recomputing it", path)
+                path.unlink()
+            return len(damaged)
 
-        self.job.on_main(prepare_folder)
+        if self.job.on_main(prepare_folder):
+            reused = False  # the damaged files are missing now: infer them again
         if not reused:
             # Under torchrun each process writes its own shard of the split.
             written = infer_split(model, dataset, out, self.config.cams.scales, self.config.cams.flip,
@@ -321,6 +345,7 @@ class MethodContext:
             reused = sum(self.job.all_gather(written)) == 0
 
         def finish_and_score() -> dict[str, Any]:
+            record_checksums(out)
             if stored is not None and not (stored / "complete").is_file():
                 link_tree(out, stored)
                 io.write_text(stored / "complete", "")
@@ -374,6 +399,15 @@ class MethodContext:
                             {name: rep.threshold for name, rep in reports.items()},
                             title=f"mIoU vs background threshold: {r['tag']} {stage} {split}")
                 r["curve"] = f"curves/{name}.json"
+
+
+def _readable_array(path: Path) -> bool:
+    """Whether ``path`` is a readable ``.npy`` array (never unpickled)."""
+    try:
+        np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return False
+    return True
 
 
 def link_file(source: Path, target: Path) -> None:

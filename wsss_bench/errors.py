@@ -6,6 +6,9 @@ status 2; every other exception is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
+import errno
+from typing import Optional
+
 
 class UserError(Exception):
     """A problem the user can fix; the message names the input at fault."""
@@ -31,3 +34,35 @@ class WeightsError(UserError):
 
 class CamFileError(UserError):
     """A CAM file that does not follow the documented ``.npz`` format."""
+
+
+class FileSystemError(UserError):
+    """A file the file system refused: name too long, disk full, read-only, no permission."""
+
+
+#: Causes said the way a user fixes them (the rest keep the system's own wording).
+_OS_CAUSES = {
+    errno.ENAMETOOLONG: "file name too long for the file system",
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+
+
+def describe_os_error(exc: OSError, path: Optional[object] = None, action: str = "") -> str:
+    """``<file>: [<action> (]<cause>[)]`` for an ``OSError``.
+
+    ``path`` names the file (else the error's own file name): a writer passes its target, not
+    the temporary file it was writing.
+    """
+    cause = _OS_CAUSES.get(exc.errno or -1) or exc.strerror or str(exc) or type(exc).__name__
+    said = f"{action} ({cause})" if action else cause
+    where = path if path is not None else exc.filename
+    if where is None:
+        return said
+    text = str(where)
+    if len(text) > 160:  # a name over the limit is unreadable in full; its start and end say enough
+        text = f"{text[:100]}...{text[-40:]} ({len(text)} characters)"
+    return f"{text}: {said}"

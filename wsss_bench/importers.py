@@ -377,7 +377,9 @@ def convert_file(fmt: str, path: Path, *, trust_pickle: bool = False, num_classe
 
 def image_size(root: Path, image_id: str) -> tuple[int, int]:
     """(H, W) of ``ROOT/JPEGImages/<id>.jpg``, read from the header only."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
+
+    from .data.voc import DECODE_ERRORS, decode_error
 
     path = Path(root) / "JPEGImages" / f"{image_id}.jpg"
     if not path.is_file():
@@ -385,8 +387,8 @@ def image_size(root: Path, image_id: str) -> tuple[int, int]:
     try:
         with Image.open(path) as img:
             width, height = img.size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"{path}: unreadable image ({exc})") from None
+    except DECODE_ERRORS as exc:
+        raise decode_error(path, exc, "image") from None
     return height, width
 
 

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator, BinaryIO
 import numpy as np
 import yaml
 
-from .errors import UserError
+from .errors import FileSystemError, describe_os_error
 
 
 def file_sha256(path: Path) -> str:
@@ -36,7 +36,7 @@ def atomic_open(path: Path) -> Iterator[BinaryIO]:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
-        raise UserError(f"{path.parent}: cannot write output ({exc.strerror or exc})") from None
+        raise FileSystemError(describe_os_error(exc, path.parent, "cannot write output")) from None
     try:
         with os.fdopen(fd, "wb") as handle:
             yield handle
@@ -46,14 +46,14 @@ def atomic_open(path: Path) -> Iterator[BinaryIO]:
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        raise UserError(f"{path}: cannot write output ({exc.strerror or exc})") from None
+        raise FileSystemError(describe_os_error(exc, path, "cannot write output")) from None
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
 
 
-def write_bytes(path: Path, data: bytes) -> None:
+def write_bytes(path: Path, data: bytes | memoryview) -> None:
     """Atomically write ``data`` to ``path``."""
     with atomic_open(path) as handle:
         handle.write(data)
@@ -81,10 +81,40 @@ def write_npz(path: Path, **arrays: np.ndarray) -> None:
     write_bytes(path, buffer.getvalue())
 
 
+def read_npz(path: Path) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` archive, read without unpickling anything.
+
+    Raises ``ValueError`` for a file that is not such an archive (a pickle, or a single ``.npy``
+    array saved under an ``.npz`` name), ``OSError`` / ``zipfile.BadZipFile`` / ``EOFError``
+    for unreadable bytes.
+    """
+    # Our own handle: np.load leaks the one it opens when the zip directory is corrupt.
+    with open(path, "rb") as handle:
+        data = np.load(handle, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ValueError("a single .npy array saved under an .npz name, not an .npz archive")
+        with data:
+            return {name: data[name] for name in data.files}
+
+
 def write_with(path: Path, writer: Callable[[BinaryIO], None]) -> None:
     """Atomically write ``path`` with ``writer(handle)`` (e.g. ``torch.save``)."""
     with atomic_open(path) as handle:
         writer(handle)
+
+
+def write_torch(path: Path, obj: Any) -> None:
+    """Atomically ``torch.save`` ``obj`` to ``path``.
+
+    Serialised in memory first: torch's zip writer turns a failed write (full disk, read-only
+    file system) into a ``RuntimeError`` that names neither the file nor the cause, while a
+    plain write raises the ``OSError`` that :func:`atomic_open` reports as one line.
+    """
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_bytes(path, buffer.getbuffer())
 
 
 def _json_safe(obj: Any) -> Any:

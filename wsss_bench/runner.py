@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 import torch
 
-from . import distributed, io
+from . import distributed, io, runlock
 from .components import create_dataset
 from .config import RunConfig
 from .context import MethodContext
@@ -67,14 +67,20 @@ def prepare_run_dir(path: Path, resume: bool) -> Path:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{path}: output path exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()) and not resume:
-        raise ConfigError(f"{path}: output folder is not empty; choose another --out or pass --resume")
+    if path.is_dir() and any(path.iterdir()):
+        if not resume:
+            raise ConfigError(f"{path}: output folder is not empty; choose another --out or pass --resume")
+        if not runlock.is_run_folder(path):
+            # --resume continues a run; it must not scatter a run's files among someone else's.
+            raise ConfigError(f"{path}: holds files but no wsss run (no manifest.json); --resume "
+                              "continues a run: choose an empty or new --out")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot create the output folder ({exc.strerror})") from None
     if not os.access(path, os.W_OK):
         raise ConfigError(f"{path}: output folder is not writable")
+    runlock.acquire(path)  # held until the command ends; a second writer is refused
     if resume:
         # Temporary files of a killed process (ours by name) are never valid output.
         for stale in path.rglob(".*"):
@@ -94,6 +100,28 @@ def validate_plugins(config: RunConfig) -> None:
         registry("backbone").create(config.backbone.name, **config.backbone.options)
 
 
+def preflight(config: RunConfig, training: bool = True) -> None:
+    """Every check a run makes before it writes anything; ``wsss run --dry-run`` and
+    ``wsss bench --dry-run`` make exactly these.
+
+    Plugins and their options (:func:`validate_plugins`), the device, the data root of a
+    config that names one, and (``training``) the ``train.init_weights`` file.
+    """
+    from .data.voc import check_root
+    from .device import resolve_device
+
+    validate_plugins(config)
+    resolve_device(config.device)
+    if config.dataset.name is None and config.dataset.root is not None:
+        check_root(Path(config.dataset.root))
+    init = config.train.init_weights
+    if training and init is not None:
+        if Path(init).is_dir():
+            raise WeightsError(f"{init}: train.init_weights is a directory; give the weights file inside it")
+        if not Path(init).is_file():
+            raise WeightsError(f"{init}: train.init_weights file not found")
+
+
 def make_context(config: RunConfig, run_dir: Path, resume: bool = False,
                  eval_splits: Optional[list[str]] = None, require_masks: bool = True,
                  store: Optional[Path] = None, force: tuple[str, ...] = (),
@@ -103,13 +131,10 @@ def make_context(config: RunConfig, run_dir: Path, resume: bool = False,
     ``training=False`` (inference from a checkpoint) skips what only training needs, such as
     the ``train.init_weights`` file.
     """
-    validate_plugins(config)
+    preflight(config, training)
     # Denormal floats (weights decayed towards zero, tiny activations) slow CPU kernels down by
     # an order of magnitude; flushing them changes nothing measurable in CAMs or mIoU.
     torch.set_flush_denormal(True)
-    init = config.train.init_weights
-    if training and init is not None and not Path(init).is_file():
-        raise WeightsError(f"{init}: train.init_weights file not found")
     job, device = distributed.setup(config.device)
     seed_everything(config.seed)
     if eval_splits is not None:
@@ -144,6 +169,17 @@ def run(config: RunConfig, out_dir: Optional[Path] = None, resume: bool = False,
     # The default folder name holds a time stamp: every process must use rank 0's.
     run_dir = Path(out_dir) if out_dir else job.broadcast(default_run_dir(config))
     ctx = make_context(config, run_dir, resume, store=store, force=force)
+    try:
+        return _run_method(config, method, method_options, ctx, start)
+    finally:
+        if job.is_main:
+            runlock.release(ctx.run_dir)
+
+
+def _run_method(config: RunConfig, method: Any, method_options: Any, ctx: MethodContext,
+                start: float) -> dict[str, Any]:
+    """The method's work in a prepared context, then ``results.json`` / ``results.md``."""
+    job = ctx.job
     run_dir, device, eval_sets = ctx.run_dir, ctx.device, ctx.eval_sets
     if job.is_main:
         io.write_yaml(run_dir / "config.yaml", config.to_dict())

@@ -42,14 +42,27 @@ def bench_command(bench_file: Path, out: Optional[Path], dry_run: bool, cache_di
         if not seed_list:
             raise ConfigError("--seeds: give at least one seed")
     if dry_run:
-        for cell in expand(apply_overrides(load_bench(bench_file), preset, seed_list, sets)):
-            click.echo(cell.slug)
+        # Each cell gets every check its run makes before writing anything.
+        cells = expand(apply_overrides(load_bench(bench_file), preset, seed_list, sets), strict=False)
+        for cell in cells:
+            click.echo(cell.slug if cell.error is None else f"{cell.slug}: invalid: {cell.error}")
+        invalid = [c for c in cells if c.error is not None]
+        if invalid:
+            raise ConfigError(f"{len(invalid)} of {len(cells)} bench cells would be rejected "
+                              f"(first: {invalid[0].slug}: {invalid[0].error})")
         return
     summary = run_bench(bench_file, out, echo=lambda m: click.echo(m, err=True), store=cache_dir,
                         tables_only=tables_only, jobs=jobs, preset=preset, seeds=seed_list,
                         sets=sets, force=force)
     click.echo(summary["markdown"])
     click.echo(f"bench folder: {summary['out']}")
+    bad = [c for c in summary["cells"] if c["status"] in ("failed", "invalid")]
+    if bad and not tables_only:
+        listing = "; ".join(f"{c['slug']} ({c['status']}" + (f", log {Path(summary['out']) / c['log']})" if c.get("log") else ")")
+                            for c in bad[:5])
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise ConfigError(f"{len(bad)} of {len(summary['cells'])} bench cells failed: {listing}{more}; "
+                          "the tables hold the others (see 'Failed and missing cells' in bench.md)")
 
 
 def register(cli: click.Group) -> None:

@@ -25,11 +25,9 @@ def run_command(out: Optional[Path], resume: bool, dry_run: bool, cache_dir: Opt
     if dry_run:
         import yaml
 
-        from ..device import resolve_device
-        from ..runner import validate_plugins
+        from ..runner import preflight
 
-        validate_plugins(config)
-        resolve_device(config.device)
+        preflight(config)  # exactly the checks the run makes before it writes anything
         click.echo(yaml.safe_dump(config.to_dict(), sort_keys=False))
         return
     from ..runner import run

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from ..errors import UserError
+from ..errors import UserError, describe_os_error
 
 
 class UserFacingError(click.ClickException):
@@ -21,14 +21,22 @@ class WsssGroup(click.Group):
     """A click group that turns user errors raised by any sub-command into clean exits."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        from .. import runlock
+
         try:
             return super().invoke(ctx)
         except UserError as exc:
             raise UserFacingError(str(exc)) from None
+        except OSError as exc:
+            # The file system's limits (a name too long, a full disk, a read-only mount) wherever
+            # they strike: one line naming the file; writers are atomic, so nothing is partial.
+            raise UserFacingError(describe_os_error(exc)) from None
         except click.UsageError as exc:
             # A bad option value of a sub-command: one line, like every other user error.
             command = f"{exc.ctx.command_path}: " if exc.ctx is not None else ""
             raise UserFacingError(f"{command}{exc.format_message()}") from None
+        finally:
+            runlock.release_all()  # the run folders this command wrote are free again
 
 
 def setup_logging(quiet: bool = False) -> None:

@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ValidationError
 
-from ..errors import PluginError, UserError
+from ..errors import FileSystemError, PluginError, UserError, describe_os_error
 from ..registry import format_validation_error
 
 
@@ -93,7 +93,10 @@ def install_tree(out: Path, write: Callable[[Path], Any], is_complete: Callable[
     try:
         if tmp.exists():  # left over by a crashed run that had our pid
             shutil.rmtree(tmp)
-        write(tmp)
+        try:
+            write(tmp)
+        except OSError as exc:  # a full disk mid-tree: name the tree (the finally removes it)
+            raise FileSystemError(describe_os_error(exc, out, f"cannot write the {what}")) from None
         if out.exists():
             os.replace(out, old)
         try:

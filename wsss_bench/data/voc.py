@@ -16,6 +16,7 @@ Split lines may be bare ids (``2007_000032``) or PSA/SC-CAM pairs
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,17 @@ IMAGE_DIR = "JPEGImages"
 MASK_DIRS = ("SegmentationClassAug", "SegmentationClass")
 SPLIT_DIR = Path("ImageSets") / "Segmentation"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_.\-]+$")
+#: The longest suffix an id gets in a file name (``<id>.jpg``, ``<id>.png``, ``<id>.npz``, and the
+#: ``.<id>.npz.<random>.tmp`` of an atomic write).
+_LONGEST_SUFFIX = len(".") + len(".npz.") + 8 + len(".tmp")
+
+
+def name_limit(folder: Path) -> int:
+    """The longest file name (bytes) the file system of ``folder`` takes (255 where unknown)."""
+    try:
+        return int(os.pathconf(folder, "PC_NAME_MAX"))
+    except (OSError, ValueError, AttributeError):  # no pathconf (Windows) or an unknown folder
+        return 255
 
 
 def check_root(root: Path) -> Path:
@@ -89,6 +101,7 @@ def read_split(root: Path, split: str) -> list[str]:
         raise DataError(f"{path}: split list not found (available splits: {known}){hint}")
     ids: list[str] = []
     seen: dict[str, int] = {}
+    longest = name_limit(path.parent) - _LONGEST_SUFFIX
     for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
@@ -99,6 +112,10 @@ def read_split(root: Path, split: str) -> list[str]:
         if image_id in (".", "..") or not _SAFE_ID.match(image_id):
             raise DataError(f"{path}:{number}: unsafe image id {image_id!r} (path separators and "
                             "'..' are not allowed)")
+        if len(image_id.encode()) > longest:
+            raise DataError(f"{path}:{number}: image id of {len(image_id)} characters; with its file "
+                            f"suffix it is longer than the file system's name limit ({longest} "
+                            "characters at most)")
         if image_id in seen:
             raise DataError(f"{path}:{number}: duplicate id {image_id!r} (first on line {seen[image_id]})")
         seen[image_id] = number
@@ -123,6 +140,10 @@ def read_class_names(root: Path) -> list[str]:
     return names
 
 
+#: What PIL raises for a file it cannot decode (DecompressionBombError is none of the others).
+DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
 def open_image(path: Path) -> Image.Image:
     """Decode an RGB image fully, turning any decoding failure into a one-line DataError."""
     if not path.is_file():
@@ -131,8 +152,17 @@ def open_image(path: Path) -> Image.Image:
         with Image.open(path) as img:
             img.load()
             return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"{path}: corrupt or unreadable image ({exc})") from None
+    except DECODE_ERRORS as exc:
+        raise decode_error(path, exc, "image") from None
+
+
+def decode_error(path: Path, exc: Exception, what: str) -> DataError:
+    """The one-line error for an image or mask PIL could not decode."""
+    if isinstance(exc, Image.DecompressionBombError):
+        size = str(exc).split(", could be")[0].rstrip(".")
+        return DataError(f"{path}: {what} too large to decode safely ({size}; "
+                         "PIL.Image.MAX_IMAGE_PIXELS sets the limit)")
+    return DataError(f"{path}: corrupt or unreadable {what} ({exc})")
 
 
 def read_mask(path: Path, num_classes: int) -> np.ndarray:
@@ -150,8 +180,8 @@ def read_mask(path: Path, num_classes: int) -> np.ndarray:
             else:
                 raise DataError(f"{path}: mask has mode {mode}; expected a single-channel index "
                                 "PNG or a palette PNG (RGB colour masks are not class indices)")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"{path}: corrupt or unreadable mask ({exc})") from None
+    except DECODE_ERRORS as exc:
+        raise decode_error(path, exc, "mask") from None
     valid = (mask <= num_classes) | (mask == IGNORE_INDEX)
     if not valid.all():
         bad = np.unique(np.asarray(mask)[~valid])[:5].tolist()
@@ -220,8 +250,8 @@ class VOCDataset:
                 return img.size
         except FileNotFoundError:
             raise DataError(f"{path}: image listed in the split but missing") from None
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            raise DataError(f"{path}: corrupt or unreadable image ({exc})") from None
+        except DECODE_ERRORS as exc:
+            raise decode_error(path, exc, "image") from None
 
     def load_mask(self, image_id: str, size: Optional[tuple[int, int]] = None) -> np.ndarray:
         """The mask as uint8 ``[H, W]``; ``size`` (W, H) is checked when given."""

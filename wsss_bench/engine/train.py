@@ -161,14 +161,14 @@ def train_classifier(model: Classifier, dataset: VOCDataset, cfg: TrainConfig,
             for name, value in losses.items():
                 number = float(value.detach())
                 if not math.isfinite(number):
-                    # Stop before anything non-finite is saved (checkpoint, CAMs); the resume
-                    # state of a diverging training would only diverge again: removed.
-                    if state_file is not None and job.is_main:
-                        Path(state_file).unlink(missing_ok=True)
-                    raise TrainingDiverged(
-                        f"{description}: training diverged at epoch {epoch + 1}, step {step} ({name} loss "
-                        f"{number}); lower train.lr (now {cfg.lr}) or train.head_lr_mult (now {cfg.head_lr_mult})")
+                    raise _diverged(cfg, description, state_file, job,
+                                    f"epoch {epoch + 1}, step {step} ({name} loss {number})")
                 totals[name] = totals.get(name, 0.0) + number
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            # A step so large that the weights overflow while the loss it was computed from was
+            # still finite: caught before the epoch's state (or a checkpoint) is saved.
+            raise _diverged(cfg, description, state_file, job,
+                            f"epoch {epoch + 1} (the weights became NaN or infinite)")
         log.epoch_losses.append({k: v / max(1, steps_per_epoch) for k, v in totals.items()})
         if show_progress and not on_terminal():
             elapsed = time.perf_counter() - epoch_start
@@ -188,6 +188,16 @@ def train_classifier(model: Classifier, dataset: VOCDataset, cfg: TrainConfig,
     return log
 
 
+def _diverged(cfg: TrainConfig, description: str, state_file: Optional[Path], job: Distributed,
+              where: str) -> TrainingDiverged:
+    """The error for a diverged training, after removing its resume state (resuming a
+    diverging training would only diverge again); nothing non-finite is ever saved."""
+    if state_file is not None and job.is_main:
+        Path(state_file).unlink(missing_ok=True)
+    return TrainingDiverged(f"{description}: training diverged at {where}; lower train.lr (now "
+                            f"{cfg.lr}) or train.head_lr_mult (now {cfg.head_lr_mult})")
+
+
 def save_train_state(path: Path, key: str, model: Classifier, optimizer: torch.optim.Optimizer,
                      epoch: int, step: int, losses: list[dict[str, float]],
                      snapshot: Optional[dict[str, torch.Tensor]] = None) -> None:
@@ -195,7 +205,7 @@ def save_train_state(path: Path, key: str, model: Classifier, optimizer: torch.o
     payload = {"key": key, "epoch": epoch, "step": step, "losses": losses,
                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                "snapshot": snapshot or {}}
-    io.write_with(path, lambda handle: torch.save(payload, handle))
+    io.write_torch(path, payload)
 
 
 def load_train_state(path: Optional[Path], key: str, model: Classifier,

@@ -8,6 +8,7 @@ threshold policy at evaluation time).
 """
 from __future__ import annotations
 
+import json
 import zipfile
 from pathlib import Path
 from typing import Optional
@@ -37,19 +38,15 @@ def read_cam(path: Path, num_classes: Optional[int] = None,
     if not path.is_file():
         raise CamFileError(f"{path}: CAM file missing")
     try:
-        # Our own handle: np.load leaks the one it opens when the zip directory is corrupt.
-        with open(path, "rb") as handle, np.load(handle, allow_pickle=False) as data:
-            names = set(data.files)
-            if not {"keys", "cams"} <= names:
-                raise CamFileError(f"{path}: expected arrays 'keys' and 'cams', found {sorted(names)}")
-            keys, cams = data["keys"], data["cams"]
-    except CamFileError:
-        raise
-    except ValueError as exc:  # object arrays need pickle, which we refuse
-        raise CamFileError(f"{path}: not a plain array file ({exc}); pickled CAMs are refused — "
-                           "convert legacy files with `wsss import`") from None
+        arrays = io.read_npz(path)
+    except ValueError as exc:  # object arrays need pickle, which we refuse; or a bare .npy
+        raise CamFileError(f"{path}: not a plain array archive ({exc}); convert legacy or pickled "
+                           "CAMs with `wsss import`") from None
     except (OSError, zipfile.BadZipFile, EOFError) as exc:
         raise CamFileError(f"{path}: unreadable CAM file ({exc})") from None
+    if not {"keys", "cams"} <= set(arrays):
+        raise CamFileError(f"{path}: expected arrays 'keys' and 'cams', found {sorted(arrays)}")
+    keys, cams = arrays["keys"], arrays["cams"]
     if keys.ndim != 1 or not np.issubdtype(keys.dtype, np.integer):
         raise CamFileError(f"{path}: 'keys' must be a 1-D integer array, got {keys.dtype} {keys.shape}")
     if cams.ndim != 3 or not np.issubdtype(cams.dtype, np.floating):
@@ -85,3 +82,42 @@ def check_cam_dir(cam_dir: Path, ids: list[str], split: str) -> None:
                 if present and missing == ids[present:] else "")
         raise CamFileError(f"{cam_dir}: no CAM file for {len(missing)} of {len(ids)} images "
                            f"of split {split!r} (first: {missing[0]}.npz){hint}")
+
+
+#: Per-folder record of the CAM files' checksums, written once a split's CAMs are complete.
+CHECKSUMS = ".sha256.json"
+
+
+def record_checksums(cam_dir: Path) -> None:
+    """Write ``cam_dir/.sha256.json``: each CAM file's SHA-256, for :func:`damaged_cam_files`."""
+    cam_dir = Path(cam_dir)
+    sums = {path.name: io.file_sha256(path) for path in sorted(cam_dir.glob("*.npz"))}
+    io.write_json(cam_dir / CHECKSUMS, sums)
+
+
+def damaged_cam_files(cam_dir: Path, num_classes: Optional[int] = None) -> list[Path]:
+    """CAM files of ``cam_dir`` that cannot be trusted: changed since :func:`record_checksums`
+    recorded them, or (not recorded) unreadable or invalid as :func:`read_cam` checks them.
+
+    Reading is the check for files written after the last record (a killed run): it catches
+    truncated files (the zip directory or its CRC) and files of another format.
+    """
+    cam_dir = Path(cam_dir)
+    try:
+        recorded = json.loads((cam_dir / CHECKSUMS).read_text())
+    except (OSError, ValueError):
+        recorded = {}
+    if not isinstance(recorded, dict):
+        recorded = {}
+    damaged = []
+    for path in sorted(cam_dir.glob("*.npz")):
+        expected = recorded.get(path.name)
+        if expected is not None:
+            if io.file_sha256(path) != expected:
+                damaged.append(path)
+            continue
+        try:
+            read_cam(path, num_classes)
+        except CamFileError:
+            damaged.append(path)
+    return damaged

@@ -102,9 +102,9 @@ def load_confusions(path: Path) -> tuple[np.ndarray, list[str]]:
     """The per-image confusions ``[N, K, K]`` int64 and image ids of a :func:`save_confusions` file."""
     path = Path(path)
     try:
-        with np.load(path, allow_pickle=False) as data:
-            confusions, ids = data["confusions"], [str(i) for i in data["ids"]]
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        data = io.read_npz(path)
+        confusions, ids = data["confusions"], [str(i) for i in data["ids"]]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
         raise DataError(f"{path}: not a per-image confusion file ({exc})") from None
     if confusions.ndim != 3 or confusions.shape[1] != confusions.shape[2] or len(ids) != len(confusions):
         raise DataError(f"{path}: confusions of shape {confusions.shape} for {len(ids)} ids; "

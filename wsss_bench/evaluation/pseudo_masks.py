@@ -18,11 +18,11 @@ from typing import Optional
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .. import io
 from ..data.voc import IGNORE_INDEX, VOCDataset
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError
 from ..progress import progress_bar
 from . import DEFAULT_THRESHOLD
 from .camfiles import check_cam_dir, read_cam
@@ -67,14 +67,7 @@ def palette_png_bytes(labels: np.ndarray) -> bytes:
 
 def _image_size(dataset: VOCDataset, image_id: str) -> tuple[int, int]:
     """(H, W) of the image, reading only its header: CAMs must be at image resolution."""
-    path = dataset.image_path(image_id)
-    try:
-        with Image.open(path) as img:
-            width, height = img.size
-    except FileNotFoundError:
-        raise DataError(f"{path}: image listed in the split but missing") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"{path}: corrupt or unreadable image ({exc})") from None
+    width, height = dataset.image_size(image_id)
     return height, width
 
 
