@@ -36,14 +36,12 @@ import re
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
-import click
 import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
-from wsss_bench import io
 from wsss_bench.checkpoints import describe_load_error
 from wsss_bench.errors import ConfigError, WeightsError
 from wsss_bench.hookspecs import hookimpl
@@ -60,7 +58,6 @@ __all__ = [
     "torch_key_to_mxnet",
     "options_from_state_dict",
     "register_backbones",
-    "register_commands",
 ]
 
 log = logging.getLogger(__name__)
@@ -550,25 +547,8 @@ def convert_params_file(path: Union[str, "os.PathLike[str]"], width: float = 1.0
     return matched, skipped + extra
 
 
-@click.command("convert-weights")
-@click.argument("src", metavar="IN.params", type=click.Path(dir_okay=False, path_type=Path))
-@click.argument("dst", metavar="OUT.pth", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--width", type=float, default=1.0, show_default=True,
-              help="Check against ResNet38d at this width (1 for the ImageNet file).")
-def convert_weights_command(src: Path, dst: Path, width: float) -> None:
-    """Convert ademxapp's MXNet ResNet-38 weights (IN.params) to a PyTorch state dict (OUT.pth).
-
-    Every backbone tensor must be present with the expected shape; the ImageNet classifier is
-    dropped.  The output loads with ``ResNet38d.load_pretrained`` or ``load_state_dict``.
-    """
-    if not width > 0:
-        raise WeightsError(f"--width must be > 0, got {width}")
-    state, skipped = convert_params_file(src, width=width)
-    io.write_torch(dst, state)  # write-then-rename: never a truncated OUT.pth
-    values = sum(t.numel() for t in state.values())
-    click.echo(f"wrote {dst}: {len(state)} tensors ({values / 1e6:.2f} M values)")
-    if skipped:
-        click.echo(f"dropped {len(skipped)} non-backbone keys: {_listing(skipped)}")
+#: What the conformance kit (wsss_bench.testing) builds: the full width costs seconds per check.
+create_resnet38d.conformance_cases = [("resnet38d", {"width": 0.0625})]  # type: ignore[attr-defined]
 
 
 @hookimpl
@@ -576,9 +556,3 @@ def register_backbones(register: Any) -> None:
     """Register the ``resnet38d`` backbone."""
     register("resnet38d", create_resnet38d, help="Wide ResNet-38 (PSA/SC-CAM), output stride 8",
              options=ResNet38dOptions)
-
-
-@hookimpl
-def register_commands(cli: click.Group) -> None:
-    """Add ``wsss convert-weights IN.params OUT.pth``."""
-    cli.add_command(convert_weights_command)

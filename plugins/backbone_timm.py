@@ -72,6 +72,10 @@ class TimmBackbone(nn.Module):
         return self
 
 
+#: What the conformance kit (wsss_bench.testing) builds: the factory needs a model name.
+TimmBackbone.conformance_cases = [("timm:resnet18", {}), ("timm:resnet18", {"output_stride": 16})]  # type: ignore[attr-defined]
+
+
 @hookimpl
 def register_backbones(register: Any) -> None:
     register("timm", TimmBackbone, help="any timm model by name: timm:<model>, e.g. timm:resnet18",

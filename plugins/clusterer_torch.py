@@ -20,7 +20,7 @@ total squared centre shift falls below ``tol * mean(per-dimension variance)``.  
 become empty are moved onto the points farthest from their current centres.
 
 Input checks, the ``k > N`` rule and ``last_stats`` come from
-:class:`wsss_bench_plugins.clusterers_sklearn.BaseClusterer`, shared by every clusterer.
+:class:`wsss_bench.clusterer_base.BaseClusterer`, shared by every clusterer.
 On CPU the labels are reproducible for a given seed (on the same machine and thread count); a
 CUDA run uses the same algorithm but its own random stream and rounding, so it may pick a
 different (equally good) partition.
@@ -38,7 +38,7 @@ from pydantic import Field, field_validator
 from wsss_bench.errors import ConfigError
 from wsss_bench.hookspecs import hookimpl
 
-from .clusterers_sklearn import BaseClusterer, ClustererOptions
+from wsss_bench.clusterer_base import BaseClusterer, ClustererOptions
 
 __all__ = ["TorchKMeans", "TorchKMeansOptions", "register_clusterers", "resolve_device"]
 

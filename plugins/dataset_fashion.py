@@ -804,6 +804,10 @@ class FashionDataset:
         return generate(out, self.spec)
 
 
+#: What the conformance kit (wsss_bench.testing) builds: a tiny tree, not the default one.
+FashionDataset.conformance_cases = [("fashion", {"n_train_aug": 8, "n_train": 4, "n_val": 4, "n_select": 0, "image_size": 48})]  # type: ignore[attr-defined]
+
+
 @hookimpl
 def register_datasets(register: Callable[..., None]) -> None:
     """Register the ``fashion`` dataset."""

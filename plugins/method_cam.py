@@ -1,11 +1,14 @@
 """The baseline CAM method: train a multi-label classifier, read CAMs off its head weights."""
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
 
 from wsss_bench.hookspecs import hookimpl
+
+if TYPE_CHECKING:  # pragma: no cover - annotations only
+    from wsss_bench.contracts import MethodContext, MethodOutcome
 
 
 class CamOptions(BaseModel):
@@ -17,7 +20,7 @@ class CamOptions(BaseModel):
 class BaselineCam:
     """Train (round 0), infer CAMs on every evaluation split, score them."""
 
-    def run(self, ctx: Any) -> dict[str, Any]:
+    def run(self, ctx: MethodContext) -> MethodOutcome:
         model = ctx.new_classifier()
         ctx.train(model, "round0")
         rows = ctx.cams_and_scores(model, "round0", row={"round": 0, "final": True})

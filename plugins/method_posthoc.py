@@ -27,7 +27,7 @@ parameters never receive ``.grad`` and no hooks or ``requires_grad`` flags are t
 """
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Literal, Optional
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from wsss_bench.engine.model import PARENT, Classifier
 from wsss_bench.hookspecs import hookimpl
+
+if TYPE_CHECKING:  # pragma: no cover - annotations only
+    from wsss_bench.contracts import MethodContext, MethodOutcome
 
 #: ``combine(features [B,C,h,w], gradient [B,C,h,w]) -> pre-ReLU map [B,h,w]``.
 Combine = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -217,7 +220,7 @@ class PosthocCam:
         """The method's :data:`~wsss_bench.engine.cams.CamFunction`."""
         raise NotImplementedError
 
-    def run(self, ctx: Any) -> dict[str, Any]:
+    def run(self, ctx: MethodContext) -> MethodOutcome:
         """Train (or reuse) ``round0`` exactly like ``cam``, then score this method's maps."""
         model = ctx.new_classifier()
         ctx.train(model, "round0")

@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -33,6 +33,9 @@ from wsss_bench.data.subtypes import SubtypeTruth
 from wsss_bench.errors import ConfigError
 from wsss_bench.evaluation.subtype_scores import subtype_scores
 from wsss_bench.hookspecs import hookimpl
+
+if TYPE_CHECKING:  # pragma: no cover - annotations only
+    from wsss_bench.contracts import MethodContext, MethodOutcome
 
 
 class ClustererChoice(BaseModel):
@@ -156,7 +159,7 @@ class SubCategoryCam:
         registry("clusterer").get(self.options.clusterer.name).validate_options(
             self.options.clusterer.options)
 
-    def run(self, ctx: Any) -> dict[str, Any]:
+    def run(self, ctx: MethodContext) -> MethodOutcome:
         opts = self.options
         clusterer = ctx.clusterer(opts.clusterer.name, opts.clusterer.options)
         labels = np.stack([ctx.train_set.label(i) for i in ctx.train_set.ids])
@@ -254,7 +257,7 @@ def register_methods(register: Any) -> None:
 def register_commands(cli: Any) -> None:
     import click
 
-    from wsss_bench.cli.options import config_options, resolve_config
+    from wsss_bench.commands import config_options, resolve_config
 
     @cli.command("cluster")
     @config_options
@@ -271,7 +274,7 @@ def register_commands(cli: Any) -> None:
         from wsss_bench import io
         from wsss_bench.components import create_clusterer
         from wsss_bench.errors import DataError
-        from wsss_bench.runner import open_datasets
+        from wsss_bench.data.open import open_datasets
 
         config = resolve_config(**flags)
         raw = dict(config.method.options) if config.method.name == "subcat" else {}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from wsss_bench.bench import expand, load_bench
+from wsss_bench.orchestration.bench import expand, load_bench
 from wsss_bench.cli.main import cli
 from wsss_bench.errors import ConfigError
 
@@ -49,7 +49,7 @@ def test_expand_validates_every_cell(tmp_path: Path, tiny_voc: Path) -> None:
 
 
 def test_component_labels_name_cells_and_stay_out_of_the_config(tmp_path: Path, tiny_voc: Path) -> None:
-    from wsss_bench.bench import _show
+    from wsss_bench.orchestration.bench import _show
 
     matrix = ("  method:\n    - {name: subcat, options: {rounds: 1}}\n"
               "    - {name: subcat, label: subcat-two, options: {rounds: 2}}\n")
@@ -162,7 +162,7 @@ def test_cells_of_one_seed_side_by_side_match_a_serial_run(tmp_path: Path, tiny_
 
 
 def test_cells_of_a_seed_wait_for_its_first_cell_then_run_side_by_side() -> None:
-    from wsss_bench.bench import Cell, next_startable
+    from wsss_bench.orchestration.bench import Cell, next_startable
 
     def cell(method: str, seed: int) -> Cell:
         return Cell({"method": method, "seed": seed}, {"method": {"name": method}, "seed": seed})
@@ -178,7 +178,7 @@ def test_cells_of_a_seed_wait_for_its_first_cell_then_run_side_by_side() -> None
 
 
 def test_paired_deltas_pair_by_seed_and_flag_separation() -> None:
-    from wsss_bench.bench import paired_deltas
+    from wsss_bench.orchestration.bench import paired_deltas
 
     def row(group: str, mious: list[float], seeds: list[int]) -> dict:
         arr = np.array(mious)
@@ -202,7 +202,7 @@ def test_paired_deltas_pair_by_seed_and_flag_separation() -> None:
 
 def test_quick_look_overrides_are_layered_marked_and_kept_apart(tmp_path: Path, tiny_voc: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    from wsss_bench.bench import apply_overrides
+    from wsss_bench.orchestration.bench import apply_overrides
 
     path = bench_file(tmp_path, tiny_voc, "  method.name: [cam]\n  seed: [0, 1, 2]\n")
     spec = apply_overrides(load_bench(path), seeds=[5], sets=("train.epochs=2",))

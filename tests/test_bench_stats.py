@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from wsss_bench.bench import (Cell, bootstrap_miou_difference, holm, paired_deltas, paired_t_test,
+from wsss_bench.orchestration.bench import (Cell, bootstrap_miou_difference, holm, paired_deltas, paired_t_test,
                               separated, t_interval, write_tables)
 from wsss_bench.data.voc import open_split
 from wsss_bench.evaluation.camfiles import write_cam

@@ -538,7 +538,7 @@ def test_wsss_bench_opens_the_tree(small):
 @needs_skimage
 def test_registered_dataset_prepares_a_cached_tree(tmp_path, monkeypatch, fake_idx):
     import wsss_bench
-    from wsss_bench.runner import resolve_data_root
+    from wsss_bench.orchestration.runner import resolve_data_root
 
     assert "fashion" in wsss_bench.list_datasets()
     opts = dict(idx_dir=str(fake_idx), n_train_aug=6, n_train=2, n_val=2, n_select=2,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.metadata as metadata
 import json
+import os
 
 import pytest
 from click.testing import CliRunner
@@ -54,10 +55,28 @@ class Duplicate:
         register("kmeans", object, help="a clash")
 
 
-def test_duplicate_name_names_both_plugins() -> None:
+def test_duplicate_name_fails_its_kind_only_and_names_both_plugins() -> None:
+    from click.testing import CliRunner
+
+    from wsss_bench.cli.main import cli
+
     plugins.register_plugin(Duplicate(), "dupe")
-    with pytest.raises(PluginError, match="registered twice.*'sklearn'.*'dupe'|registered twice.*'dupe'.*'sklearn'"):
-        plugins.get_state()
+    try:
+        with pytest.raises(PluginError, match=r"clusterer 'kmeans' is registered by plugin '(sklearn|dupe)' "
+                                              r"\(.*\) and plugin '(dupe|sklearn)'"):
+            plugins.registry("clusterer")
+        assert "resnet38d" in plugins.registry("backbone").names()  # other kinds keep working
+        runner = CliRunner()
+        listed = runner.invoke(cli, ["list", "clusterers"])
+        assert listed.exit_code == 2 and len(listed.output.strip().splitlines()) == 1, listed.output
+        assert "wsss-bench" in listed.output and "in-process" in listed.output  # both origins
+        assert runner.invoke(cli, ["list", "backbones"]).exit_code == 0
+        shown = runner.invoke(cli, ["plugins"])
+        assert shown.exit_code == 0, shown.output
+        assert any("CONFLICT" in line and "kmeans" in line for line in shown.output.splitlines()), shown.output
+        assert runner.invoke(cli, ["--help"]).exit_code == 0
+    finally:
+        plugins.unregister_plugin("dupe")
 
 
 class Exploding:
@@ -151,3 +170,43 @@ def test_every_hook_is_documented_in_readme() -> None:
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     for name in hook_names():
         assert f"`{name}(" in readme, f"hook {name} is not documented in README.md"
+
+
+def test_help_imports_no_torch_and_still_lists_plugin_commands() -> None:
+    """`wsss --help` (and each shell-completion TAB) loads the torch-free command modules of the
+    `wsss_bench.commands` group only, not the plugins (whose backbones import torch)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "WSSS_BENCH_DISABLE_PLUGIN_AUTOLOAD": "1"}  # a plain install: built-ins only
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "wsss_bench.cli.main", "--help"],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if "|" in line}
+    assert "torch" not in imported and "wsss_bench_plugins.backbone_resnet38d" not in imported
+    commands = {line.split()[0] for line in result.stdout.split("Commands:")[1].splitlines() if line.strip()}
+    assert {"cluster", "convert-weights", "run", "data"} <= commands
+    data = subprocess.run([sys.executable, "-m", "wsss_bench.cli.main", "data", "--help"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert "synth" in data.stdout and "fashion" in data.stdout
+
+
+def test_no_plugin_imports_the_cli_the_orchestration_or_another_plugin() -> None:
+    """Plugins use public API only: what they need is in the host's documented modules."""
+    import ast
+    from pathlib import Path
+
+    forbidden = ("wsss_bench.cli", "wsss_bench.orchestration", "wsss_bench.runner", "wsss_bench_plugins", "plugins.")
+    for path in sorted((Path(__file__).parents[1] / "plugins").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [("." * node.level) + (node.module or "")]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            for name in names:
+                assert not name.startswith(forbidden), f"{path.name} imports {name}"
+                own = path.stem.startswith("commands_") and name.endswith(path.stem[len("commands_"):])
+                # a plugin's torch-free command module may import its own plugin module, lazily
+                assert own or not (name.startswith(".") and name.strip(".")), f"{path.name} imports sibling {name}"

@@ -14,12 +14,13 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from wsss_bench.bench import Cell, write_tables
+from wsss_bench.orchestration.bench import Cell, write_tables
 from wsss_bench.cli import cmd_report
 from wsss_bench.cli.common import WsssGroup
 from wsss_bench.cli.main import cli as main_cli
 from wsss_bench.evaluation.tables import pct
-from wsss_bench.report import ImageScore, image_miou, pick_examples, voc_palette
+from wsss_bench.data.voc import voc_palette
+from wsss_bench.orchestration.report.scores import ImageScore, image_miou, pick_examples
 
 # The smallest SC-CAM run (as in test_subcat.py): one epoch, 32-pixel crops, a 1/16-width ResNet-38.
 TINY = ["--set", "train.epochs=1", "--set", "train.crop_size=32", "--set", "train.resize_long=[32,48]",

@@ -368,7 +368,9 @@ def test_registration_and_options(tmp_path: Path) -> None:
 
 def test_convert_weights_command(tmp_path: Path) -> None:
     cli = click.Group("wsss")
-    r38.register_commands(cli=cli)
+    from wsss_bench_plugins import commands_resnet38d
+
+    commands_resnet38d.register_commands(cli=cli)
     model = ResNet38d(width=SMALL)
     params = synthetic_params(model)
     write_params(tmp_path / "in.params", params, version="v1")

@@ -13,12 +13,12 @@ import pytest
 from click.testing import CliRunner
 
 from tests.conftest import write_voc_tree
-from wsss_bench import runlock
+from wsss_bench.orchestration import runlock
 from wsss_bench.cli.main import cli
 
 HOLD = """
 import sys, time
-from wsss_bench import runlock
+from wsss_bench.orchestration import runlock
 runlock.acquire(sys.argv[1])
 print("locked", flush=True)
 time.sleep(120)

@@ -73,7 +73,7 @@ class _Legacy:
 
 
 def test_clusterer_labels_are_checked():
-    with pytest.raises(PluginError, match=r"_OffByOne: labels must lie in \[0, 3\)"):
+    with pytest.raises(PluginError, match=r"_OffByOne broke its contract: labels must lie in \[0, 3\)"):
         clustering.fit_predict(_OffByOne(), np.zeros((5, 2)), 3, 0)
 
 
@@ -131,7 +131,7 @@ def test_subcat_round_reports_subtype_ami_and_purity(tmp_path, clusterer):
 
 
 def test_report_shows_the_subtype_table():
-    from wsss_bench.report import subtype_table
+    from wsss_bench.orchestration.report.run_sections import subtype_table
 
     assert subtype_table({}) is None
     results = {"subtype_ami": {"round1": {"mean": 0.25, "per_class": {"duck": 0.25, "cow": None}}},

@@ -13,7 +13,8 @@ from PIL import Image
 
 from wsss_bench.cli.cmd_export import DEFAULT_THRESHOLD as CLI_DEFAULT_THRESHOLD
 from wsss_bench.cli.cmd_export import register
-from wsss_bench.evaluation.pseudo_masks import DEFAULT_THRESHOLD, export_masks, voc_colormap
+from wsss_bench.data.voc import voc_palette as voc_colormap
+from wsss_bench.evaluation.pseudo_masks import DEFAULT_THRESHOLD, export_masks
 from wsss_bench.cli.common import WsssGroup
 from wsss_bench.data.voc import open_split, read_mask
 from wsss_bench.errors import CamFileError, ConfigError

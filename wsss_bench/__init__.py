@@ -23,7 +23,7 @@ from .hookspecs import hookimpl
 __version__ = "0.1.0"
 
 _LAZY = {
-    "run": ("wsss_bench.runner", "run"),
+    "run": ("wsss_bench.orchestration.runner", "run"),
     "evaluate": ("wsss_bench.evaluation.evaluate", "evaluate_cam_dir"),
     "load_config": ("wsss_bench.config", "load_config"),
 }

@@ -17,7 +17,7 @@ from typing import Any, Optional, TypedDict
 
 import numpy as np
 
-from .errors import PluginError
+from . import contracts
 
 
 class ClusterMetadata(TypedDict):
@@ -46,28 +46,15 @@ def choose_k(clusterer: Any, k: int, metadata: ClusterMetadata) -> int:
     chooser = getattr(clusterer, "choose_k", None)
     if chooser is None:
         return k
-    chosen = chooser(metadata)
-    if isinstance(chosen, bool) or not isinstance(chosen, (int, np.integer)) or chosen < 1:
-        raise PluginError(f"clusterer {type(clusterer).__name__}: choose_k returned {chosen!r} for "
-                          f"class {metadata['class_name']!r}; expected a positive integer")
-    return int(chosen)
+    return contracts.check_chosen_k(clusterer, chooser(metadata), metadata)
 
 
 def fit_predict(clusterer: Any, features: np.ndarray, k: int, seed: int,
                 metadata: Optional[ClusterMetadata] = None) -> np.ndarray:
-    """Call the clusterer and check its labels: ``int64 [N]`` with values in ``[0, k)``."""
+    """Call the clusterer and check its labels (:func:`wsss_bench.contracts.check_labels`):
+    ``int64 [N]`` with values in ``[0, k)``; a violation names the plugin and its distribution."""
     if metadata is not None and accepts_metadata(clusterer):
         labels = clusterer.fit_predict(features, k, seed, metadata=metadata)
     else:
         labels = clusterer.fit_predict(features, k, seed)
-    name = type(clusterer).__name__
-    labels = np.asarray(labels)
-    if labels.shape != (len(features),):
-        raise PluginError(f"clusterer {name}: returned labels of shape {labels.shape} for "
-                          f"{len(features)} images")
-    if labels.dtype.kind not in "iu":
-        raise PluginError(f"clusterer {name}: returned {labels.dtype} labels; expected integers")
-    if labels.size and (labels.min() < 0 or labels.max() >= k):
-        raise PluginError(f"clusterer {name}: labels must lie in [0, {k}), got "
-                          f"[{labels.min()}, {labels.max()}]")
-    return labels.astype(np.int64)
+    return contracts.check_labels(clusterer, labels, len(features), k)

@@ -88,6 +88,8 @@ class CamConfig(Strict):
 
     scales: list[float] = Field(default_factory=lambda: [1.0, 0.5, 1.5, 2.0])
     flip: bool = True
+    #: The head ``wsss cams`` reads CAMs from when ``--head`` is not given (methods choose their
+    #: own: SC-CAM scores the parent head of every round).
     head: str = "parent"
     # fp32 reproduces the original code's maps; bf16/fp16 autocast the backbone (upsampling,
     # fusion and normalisation stay fp32).  ``auto``: bf16 where the hardware has it natively.

@@ -21,6 +21,7 @@ PROJECT = "wsss_bench"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
+#: The ``register`` callback (its full signature: :class:`wsss_bench.contracts.Register`).
 Register = Callable[..., None]
 
 
@@ -30,8 +31,10 @@ def register_backbones(register: Register) -> None:
 
     Call ``register(name, factory, help="one line", options=None)``.  ``factory(**options)``
     returns an ``nn.Module`` whose ``forward(x)`` gives the final feature map ``[N, C, h, w]``
-    (the map CAMs are read from) and that exposes ``out_channels: int`` and ``stride: int``.
-    Optional: ``load_pretrained(path)`` and ``trainable_groups()``.  ``options`` may be a
+    (the map CAMs are read from) and that exposes ``out_channels: int`` and ``stride: int``
+    (:class:`wsss_bench.contracts.Backbone`; the host checks both, and the first output).
+    Optional: ``load_pretrained(path)`` and ``feature_levels`` (name ->
+    :class:`wsss_bench.contracts.FeatureLevel`, for stages that read intermediate maps).  ``options`` may be a
     pydantic model class used to validate the factory's keyword arguments.  The factory may
     expose ``options_from_state_dict(state_dict) -> dict | None``: the options that rebuild the
     architecture of a checkpoint's backbone tensors (keys as the module names them), or None
@@ -59,10 +62,11 @@ def register_clusterers(register: Register) -> None:
 def register_methods(register: Register) -> None:
     """Register CAM methods (the recipe selected by ``wsss run --method NAME``).
 
-    Call ``register(name, factory, help="one line", options=None)``.  ``factory()`` returns an
-    object with ``run(context) -> dict`` that trains what it needs, writes CAM files through the
-    context and returns method-specific result rows; see :class:`wsss_bench.context.MethodContext`
-    and docs/plugin-guide.md.
+    Call ``register(name, factory, help="one line", options=None)``.  ``factory(**options)``
+    returns an object with ``run(ctx: MethodContext) -> dict`` that trains what it needs, writes
+    CAM files through the context and returns ``{"rows": [...], ...}``
+    (:class:`wsss_bench.contracts.MethodOutcome`, checked by the host); see
+    :class:`wsss_bench.contracts.MethodContext` and docs/plugin-guide.md.
     """
 
 

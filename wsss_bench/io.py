@@ -81,20 +81,27 @@ def write_npz(path: Path, **arrays: np.ndarray) -> None:
     write_bytes(path, buffer.getvalue())
 
 
-def read_npz(path: Path) -> dict[str, np.ndarray]:
-    """Every array of an ``.npz`` archive, read without unpickling anything.
+def read_npz(path: Path | BinaryIO) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` archive (a path, or bytes in a binary file object), read
+    without unpickling anything.
 
     Raises ``ValueError`` for a file that is not such an archive (a pickle, or a single ``.npy``
     array saved under an ``.npz`` name), ``OSError`` / ``zipfile.BadZipFile`` / ``EOFError``
     for unreadable bytes.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        return _read_npz_handle(path)
     # Our own handle: np.load leaks the one it opens when the zip directory is corrupt.
     with open(path, "rb") as handle:
-        data = np.load(handle, allow_pickle=False)
-        if not isinstance(data, np.lib.npyio.NpzFile):
-            raise ValueError("a single .npy array saved under an .npz name, not an .npz archive")
-        with data:
-            return {name: data[name] for name in data.files}
+        return _read_npz_handle(handle)
+
+
+def _read_npz_handle(handle: BinaryIO) -> dict[str, np.ndarray]:
+    data = np.load(handle, allow_pickle=False)
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError("a single .npy array saved under an .npz name, not an .npz archive")
+    with data:
+        return {name: data[name] for name in data.files}
 
 
 def write_with(path: Path, writer: Callable[[BinaryIO], None]) -> None:

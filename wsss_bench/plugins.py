@@ -119,7 +119,9 @@ def _collect(pm: pluggy.PluginManager, infos: dict[str, PluginInfo],
 
             def register(name: str, factory: Callable[..., Any], help: str = "",
                          options: Any = None, *, _plugin: str = plugin, _kind: str = kind) -> None:
-                registries[_kind].add(Component(_kind, name, factory, help, options, _plugin))
+                info = infos[_plugin]
+                dist = f"{info.distribution} {info.version or ''}".strip() if info.distribution else None
+                registries[_kind].add(Component(_kind, name, factory, help, options, _plugin, dist))
                 infos[_plugin].registered.setdefault(_kind, []).append(name)
 
             try:
@@ -171,8 +173,12 @@ def reset() -> None:
 
 
 def registry(kind: str) -> Registry:
-    """The registry of one kind: backbone, clusterer, method or dataset."""
-    return get_state().registries[kind]
+    """The registry of one kind: backbone, clusterer, method or dataset.
+
+    A name of that kind registered by two plugins is a :class:`PluginError` naming both (the
+    other kinds, and ``wsss plugins``, keep working).
+    """
+    return get_state().registries[kind].check()
 
 
 def plugin_infos() -> list[PluginInfo]:
@@ -180,10 +186,69 @@ def plugin_infos() -> list[PluginInfo]:
     return sorted(get_state().infos.values(), key=lambda i: (not i.builtin, i.name))
 
 
-def add_plugin_commands(cli: Any) -> None:
-    """Let every plugin add sub-commands to the click group ``cli``."""
+#: Entry-point group of plugin modules whose ``register_commands`` is torch-free (cheap to import):
+#: the CLI imports only these to list and find commands.
+COMMANDS_GROUP = f"{ENTRY_POINT_GROUP}.commands"
+
+
+def _declared_command_modules() -> list[tuple[str, Any, bool]]:
+    """``(name, module, builtin)`` of the ``wsss_bench.commands`` entry points, loaded."""
+    autoload = os.environ.get(DISABLE_AUTOLOAD_ENV, "") in ("", "0")
+    blocked = _blocked()
+    found = []
+    for dist in metadata.distributions():
+        dist_name = dist.metadata["Name"] or ""
+        builtin = dist_name.lower().replace("_", "-") == OWN_DISTRIBUTION
+        for ep in dist.entry_points:
+            if ep.group != COMMANDS_GROUP or ep.name in blocked or (not builtin and not autoload):
+                continue
+            try:
+                found.append((ep.name, ep.load(), builtin))
+            except Exception as exc:
+                _warn(ep.name, "failed to load its commands", exc)
+    return found
+
+
+def add_declared_commands(cli: Any) -> set[int]:
+    """Add the commands of the ``wsss_bench.commands`` modules (no plugin manager, no torch);
+    returns the ids of those modules (their pluggy ``register_commands`` is then skipped)."""
+    done: set[int] = set()
+    for name, module, _ in _declared_command_modules():
+        if id(module) in done:
+            continue
+        done.add(id(module))
+        register = getattr(module, "register_commands", None)
+        if register is None:
+            continue
+        try:
+            register(cli=cli)
+        except Exception as exc:
+            _warn(name, "raised in register_commands", exc)
+    return done
+
+
+def undeclared_command_plugins_possible() -> bool:
+    """Whether a plugin outside ``wsss_bench.commands`` might add commands: any third-party entry
+    point of the ``wsss_bench`` group, or an in-process plugin.  The built-in plugins declare
+    all of theirs, so a plain install answers False and ``wsss --help`` imports no plugin."""
+    if _extra_plugins:
+        return True
+    autoload = os.environ.get(DISABLE_AUTOLOAD_ENV, "") in ("", "0")
+    for ep, dist in _entry_points():
+        dist_name = (dist.metadata["Name"] or "") if dist is not None else ""
+        if dist_name.lower().replace("_", "-") != OWN_DISTRIBUTION and autoload and ep.name not in _blocked():
+            return True
+    return False
+
+
+def add_plugin_commands(cli: Any, skip_modules: set[int] = frozenset()) -> None:  # type: ignore[assignment]
+    """Let every loaded plugin add sub-commands to the click group ``cli`` (this loads the
+    plugins); modules in ``skip_modules`` (already added by :func:`add_declared_commands`) are
+    not asked twice."""
     state = get_state()
     for impl in state.pm.hook.register_commands.get_hookimpls():
+        if id(impl.plugin) in skip_modules:
+            continue
         try:
             impl.function(cli=cli)
         except Exception as exc:

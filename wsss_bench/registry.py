@@ -28,6 +28,8 @@ class Component:
     help: str = ""
     options: Optional[type[BaseModel]] = None
     plugin: str = "?"
+    #: ``name version`` of the distribution that installed the plugin (None: in-process).
+    distribution: Optional[str] = None
 
     def validate_options(self, options: dict[str, Any]) -> dict[str, Any]:
         """Check ``options`` against the component's model; return them with defaults filled."""
@@ -63,18 +65,36 @@ class Registry:
 
     kind: str
     components: dict[str, Component] = field(default_factory=dict)
+    #: Names registered more than once, with every registration (the first one is kept in
+    #: ``components`` so that ``wsss plugins`` can still list it).
+    conflicts: dict[str, list[Component]] = field(default_factory=dict)
 
     def add(self, component: Component) -> None:
-        """Add ``component``; a name already taken by another registration is an error."""
+        """Add ``component``; a name already taken is recorded as a conflict (see :meth:`check`)."""
         if not component.name or not isinstance(component.name, str):
             raise PluginError(f"plugin {component.plugin!r} registered a {self.kind} without a name")
         previous = self.components.get(component.name)
         if previous is not None:
-            raise PluginError(
-                f"{self.kind} {component.name!r} is registered twice: by plugin "
-                f"{previous.plugin!r} and by plugin {component.plugin!r}"
-            )
+            self.conflicts.setdefault(component.name, [previous]).append(component)
+            return
         self.components[component.name] = component
+
+    def conflict_message(self) -> Optional[str]:
+        """One line naming every conflicting name and the distributions that register it."""
+        if not self.conflicts:
+            return None
+        parts = []
+        for name, regs in sorted(self.conflicts.items()):
+            who = " and ".join(f"plugin {c.plugin!r} ({c.distribution or 'in-process'})" for c in regs)
+            parts.append(f"{self.kind} {name!r} is registered by {who}")
+        return ("; ".join(parts) + "; uninstall one, or block one with WSSS_BENCH_BLOCK_PLUGINS=<plugin>")
+
+    def check(self) -> "Registry":
+        """This registry, or a :class:`PluginError` when a name in it is registered twice."""
+        message = self.conflict_message()
+        if message is not None:
+            raise PluginError(message)
+        return self
 
     def names(self) -> list[str]:
         """Registered names, sorted."""
@@ -93,8 +113,23 @@ class Registry:
         raise PluginError(f"unknown {self.kind} {name!r}.{hint} Registered: {known}.")
 
     def create(self, name: str, **options: Any) -> Any:
-        """Build the component ``name``; a ``prefix:variant`` name passes ``variant=...``."""
+        """Build the component ``name``; a ``prefix:variant`` name passes ``variant=...``.
+
+        What the factory returns is checked against its kind's contract
+        (:mod:`wsss_bench.contracts`) and remembers which component it is.
+        """
+        from . import contracts
+
         component = self.get(name)
         if name != component.name:
             options = {"variant": name.split(":", 1)[1], **options}
-        return component.create(**options)
+        made = component.create(**options)
+        if self.kind == "backbone":
+            return contracts.check_backbone(made, component)
+        if self.kind == "method" and not callable(getattr(made, "run", None)):
+            raise contracts.violation(component, "the method object has no run(ctx)")
+        if self.kind == "clusterer" and not callable(getattr(made, "fit_predict", None)):
+            raise contracts.violation(component, "the clusterer has no fit_predict(features, k, seed)")
+        if self.kind == "dataset" and not callable(getattr(made, "prepare", None)):
+            raise contracts.violation(component, "the dataset has no prepare(root, cache_dir)")
+        return contracts.tag(made, component)

@@ -30,7 +30,7 @@ def bench_command(bench_file: Path, out: Optional[Path], dry_run: bool, cache_di
     --preset, --seeds and --set give a quick look at a bench: its own default folder
     (runs/bench-<name>-<hash of the overrides>) and tables marked "quick look".
     """
-    from ..bench import apply_overrides, expand, load_bench, run_bench
+    from ..orchestration.bench import apply_overrides, expand, load_bench, run_bench
     from ..errors import ConfigError
 
     seed_list = None

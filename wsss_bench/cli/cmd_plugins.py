@@ -20,6 +20,8 @@ def plugins_command(as_json: bool) -> None:
         data = [{"name": i.name, "distribution": i.distribution, "version": i.version,
                  "builtin": i.builtin, "registers": i.registered} for i in infos]
         data += [{"name": name, "error": error} for name, error in failures.items()]
+        data += [{"conflict": reg.conflict_message()} for reg in get_state().registries.values()
+                 if reg.conflicts]
         click.echo(json.dumps(data, indent=2))
         return
     for info in infos:
@@ -28,6 +30,10 @@ def plugins_command(as_json: bool) -> None:
         click.echo(f"{info.name:<12} {origin:<22} {what or '(commands only)'}")
     for name, error in failures.items():
         click.echo(f"{name:<12} FAILED: {error}")
+    for reg in get_state().registries.values():  # listed, not raised: this command shows them
+        message = reg.conflict_message()
+        if message is not None:
+            click.echo(f"{'CONFLICT':<12} {message}")
 
 
 @click.command("list")

@@ -22,7 +22,7 @@ def report_command(folder: Path, out: Optional[Path], split: Optional[str], exam
     """Write one self-contained HTML page (embedded images, no scripts, no network) for a run
     or a bench folder; plots are also saved under FOLDER/plots/."""
     # Imported here so that `wsss --help` stays fast (matplotlib, torch load lazily).
-    from ..report import build_report
+    from ..orchestration.report import build_report
 
     path = build_report(folder, out, split=split, examples=examples, seed=seed)
     click.echo(f"report: {path} ({path.stat().st_size / 1024:.0f} KB)")

@@ -25,12 +25,12 @@ def run_command(out: Optional[Path], resume: bool, dry_run: bool, cache_dir: Opt
     if dry_run:
         import yaml
 
-        from ..runner import preflight
+        from ..orchestration.runner import preflight
 
         preflight(config)  # exactly the checks the run makes before it writes anything
         click.echo(yaml.safe_dump(config.to_dict(), sort_keys=False))
         return
-    from ..runner import run
+    from ..orchestration.runner import run
 
     results = run(config, out, resume, store=cache_dir, force=force)
     from ..distributed import current

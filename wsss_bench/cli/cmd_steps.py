@@ -28,7 +28,7 @@ def _pairs(values: tuple[str, ...], what: str) -> dict[str, str]:
 
 def _context(flags: dict[str, Any], out: Path, eval_splits: Optional[list[str]] = None,
              require_masks: bool = True, training: bool = True) -> Any:
-    from ..runner import make_context
+    from ..orchestration.runner import make_context
 
     return make_context(resolve_config(**flags), out, resume=True, eval_splits=eval_splits,
                         require_masks=require_masks, training=training)
@@ -91,11 +91,12 @@ def extract_features_command(out: Path, weights: Path, tag: str, **flags: Any) -
 @config_options
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Run directory.")
 @click.option("--weights", required=True, type=click.Path(path_type=Path), help="Classifier checkpoint (ours, PSA res38_cls.pth, SC-CAM).")
-@click.option("--head", type=click.Choice(["parent", "sub"]), default="parent", show_default=True)
+@click.option("--head", type=click.Choice(["parent", "sub"]),
+              help="Head the CAMs come from (default: the config's cams.head, parent).")
 @click.option("--split", "splits", multiple=True, help="Splits to infer (default: the config's eval splits).")
 @click.option("--tag", default="final", show_default=True, help="Writes OUT/cams/TAG/<split>/.")
 @click.option("--no-eval", is_flag=True, help="Only write CAM files (the split may lack masks).")
-def cams_command(out: Path, weights: Path, head: str, splits: tuple[str, ...], tag: str,
+def cams_command(out: Path, weights: Path, head: Optional[str], splits: tuple[str, ...], tag: str,
                  no_eval: bool, **flags: Any) -> None:
     """Multi-scale CAM inference from a checkpoint, writing the documented .npz files."""
     from ..engine.cams import infer_split
@@ -103,6 +104,9 @@ def cams_command(out: Path, weights: Path, head: str, splits: tuple[str, ...], t
 
     ctx = _context(flags, out, eval_splits=list(splits) or None, require_masks=not no_eval, training=False)
     model = ctx.load_classifier(weights)
+    head = head or ctx.config.cams.head
+    if head not in ("parent", "sub"):
+        raise ConfigError(f"cams.head {head!r}: expected parent or sub")
     if head == "sub" and "sub" not in model.heads:
         raise ConfigError(f"{weights}: the checkpoint has no sub-category head")
     if no_eval:

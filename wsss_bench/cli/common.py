@@ -21,7 +21,7 @@ class WsssGroup(click.Group):
     """A click group that turns user errors raised by any sub-command into clean exits."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        from .. import runlock
+        from ..orchestration import runlock
 
         try:
             return super().invoke(ctx)

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ValidationError
 
 from ..errors import FileSystemError, PluginError, UserError, describe_os_error
 from ..registry import format_validation_error
+from .voc import voc_palette
 
 
 def encode_jpeg(image: np.ndarray, quality: int) -> bytes:
@@ -176,21 +177,6 @@ def add_data_command(cli: click.Group, command: click.Command) -> None:
     if not isinstance(group, click.Group):
         raise PluginError(f"the 'data' command is not a group; cannot add 'data {command.name}'")
     group.add_command(command)
-
-
-def voc_palette() -> np.ndarray:
-    """The standard PASCAL VOC colour map (bit-interleaved), with 255 shown in VOC's cream."""
-    pal = np.zeros((256, 3), dtype=np.uint8)
-    for i in range(256):
-        c, r, g, b = i, 0, 0, 0
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        pal[i] = (r, g, b)
-    pal[255] = (224, 224, 192)
-    return pal
 
 
 def write_preview(root: Path, path: Path, n: int = 12, cols: int = 4, scale: int = 2) -> Path:

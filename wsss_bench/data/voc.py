@@ -36,6 +36,26 @@ VOC_CLASSES = [
     "tvmonitor",
 ]
 IGNORE_INDEX = 255
+
+
+def voc_palette(count: int = 256) -> np.ndarray:
+    """The PASCAL VOC colour map ``[count, 3]`` uint8, the one palette of the package.
+
+    Bits 0, 1, 2 of the index go to the most significant bit of R, G, B, bits 3, 4, 5 to the
+    next one, and so on: black background, (128, 0, 0) for class 1, ... and (224, 224, 192)
+    for the 255 "ignore" label, as in VOC's own PNGs.
+    """
+    palette = np.zeros((count, 3), np.uint8)
+    for index in range(count):
+        r = g = b = 0
+        bits = index
+        for shift in range(7, -1, -1):
+            r |= (bits & 1) << shift
+            g |= ((bits >> 1) & 1) << shift
+            b |= ((bits >> 2) & 1) << shift
+            bits >>= 3
+        palette[index] = (r, g, b)
+    return palette
 IMAGE_DIR = "JPEGImages"
 MASK_DIRS = ("SegmentationClassAug", "SegmentationClass")
 SPLIT_DIR = Path("ImageSets") / "Segmentation"

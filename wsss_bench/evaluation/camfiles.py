@@ -8,6 +8,8 @@ threshold policy at evaluation time).
 """
 from __future__ import annotations
 
+import hashlib
+import io as _io
 import json
 import zipfile
 from pathlib import Path
@@ -34,11 +36,23 @@ def write_cam(path: Path, keys: np.ndarray, cams: np.ndarray) -> None:
 def read_cam(path: Path, num_classes: Optional[int] = None,
              size: Optional[tuple[int, int]] = None) -> tuple[np.ndarray, np.ndarray]:
     """Read and validate one CAM file; ``size`` is the image's (H, W) when known."""
+    keys, cams, _ = read_cam_with_digest(path, num_classes, size)
+    return keys, cams
+
+
+def read_cam_with_digest(path: Path, num_classes: Optional[int] = None,
+                         size: Optional[tuple[int, int]] = None) -> tuple[np.ndarray, np.ndarray, str]:
+    """:func:`read_cam` plus the file's SHA-256, from one read of its bytes.
+
+    Scoring hashes what it parses, so a folder's checksum record (:func:`record_checksums`)
+    costs no second pass over the files.
+    """
     path = Path(path)
     if not path.is_file():
         raise CamFileError(f"{path}: CAM file missing")
     try:
-        arrays = io.read_npz(path)
+        data = path.read_bytes()
+        arrays = io.read_npz(_io.BytesIO(data))
     except ValueError as exc:  # object arrays need pickle, which we refuse; or a bare .npy
         raise CamFileError(f"{path}: not a plain array archive ({exc}); convert legacy or pickled "
                            "CAMs with `wsss import`") from None
@@ -66,7 +80,7 @@ def read_cam(path: Path, num_classes: Optional[int] = None,
         if cams.min() < -RANGE_TOLERANCE or cams.max() > 1 + RANGE_TOLERANCE:
             raise CamFileError(f"{path}: maps must be normalised to [0, 1], found "
                                f"[{cams.min():.3g}, {cams.max():.3g}]")
-    return keys.astype(np.int64), cams
+    return keys.astype(np.int64), cams, hashlib.sha256(data).hexdigest()
 
 
 def check_cam_dir(cam_dir: Path, ids: list[str], split: str) -> None:
@@ -88,10 +102,15 @@ def check_cam_dir(cam_dir: Path, ids: list[str], split: str) -> None:
 CHECKSUMS = ".sha256.json"
 
 
-def record_checksums(cam_dir: Path) -> None:
-    """Write ``cam_dir/.sha256.json``: each CAM file's SHA-256, for :func:`damaged_cam_files`."""
+def record_checksums(cam_dir: Path, known: Optional[dict[str, str]] = None) -> None:
+    """Write ``cam_dir/.sha256.json``: each CAM file's SHA-256, for :func:`damaged_cam_files`.
+
+    ``known`` maps file names to digests already taken (by scoring's read); only the other
+    files are hashed here.
+    """
     cam_dir = Path(cam_dir)
-    sums = {path.name: io.file_sha256(path) for path in sorted(cam_dir.glob("*.npz"))}
+    known = known or {}
+    sums = {path.name: known.get(path.name) or io.file_sha256(path) for path in sorted(cam_dir.glob("*.npz"))}
     io.write_json(cam_dir / CHECKSUMS, sums)
 
 

@@ -10,12 +10,11 @@ import numpy as np
 import torch
 
 from .. import io
-from ..data.voc import VOCDataset, open_split
+from ..data.voc import IGNORE_INDEX, VOCDataset, open_split
 from ..errors import DataError
-from ..progress import progress_bar
 from . import DEFAULT_THRESHOLD
-from .camfiles import check_cam_dir, read_cam
-from .miou import ConfusionAccumulator, cams_to_labels, class_table, scores_from_confusion
+from .miou import class_table, scores_from_confusion
+from .scoring import SplitScores, score_split
 
 
 @dataclass
@@ -55,31 +54,28 @@ def result_row(result: EvalResult, tag: str, head: str, cam_dir: Path,
 def evaluate_cams(cam_dir: Path, dataset: VOCDataset, threshold: float = DEFAULT_THRESHOLD,
                   device: torch.device | str = "cpu", show_progress: bool = False,
                   stage: str = "cam", per_image: bool = False) -> EvalResult:
-    """Accumulate the confusion of every image of ``dataset`` whose CAM is in ``cam_dir``.
+    """Score every image of ``dataset`` whose CAM is in ``cam_dir`` at one background threshold.
 
     ``per_image`` also keeps each image's confusion (``EvalResult.per_image``), for paired
     bootstraps over images (:func:`save_confusions`).
     """
-    cam_dir = Path(cam_dir)
-    check_cam_dir(cam_dir, dataset.ids, dataset.split)
-    acc = ConfusionAccumulator(dataset.num_classes, device, keep_per_update=per_image)
-    for image_id in progress_bar(dataset.ids, f"eval {dataset.split}", show_progress):
-        mask = dataset.load_mask(image_id, dataset.image_size(image_id))
-        keys, cams = read_cam(cam_dir / f"{image_id}.npz", dataset.num_classes, mask.shape)
-        pred = cams_to_labels(keys, torch.from_numpy(cams).to(acc.device), threshold)
-        try:
-            acc.update(pred, torch.from_numpy(mask))
-        except ValueError as exc:
-            raise DataError(f"ground-truth mask of {image_id!r} ({dataset.split}): {exc}") from None
-    confusion = acc.compute()
-    scores = scores_from_confusion(confusion)
+    scores = score_split(cam_dir, dataset, [threshold], per_image_threshold=threshold if per_image else None,
+                         device=device, show_progress=show_progress, label="eval")
+    return result_at(scores, threshold, stage)
+
+
+def result_at(scores: SplitScores, threshold: float, stage: str = "cam") -> EvalResult:
+    """The :class:`EvalResult` of a scored split at ``threshold`` (the fixed policy)."""
+    dataset = scores.dataset
+    confusion = scores.confusion(threshold)
+    table = scores_from_confusion(confusion)
     protocol = {"split": dataset.split, "stage": stage, "threshold_policy": "fixed",
-                "threshold": threshold, "ignore_index": 255,
+                "threshold": threshold, "ignore_index": IGNORE_INDEX,
                 "mean_over": "classes present in ground truth"}
-    return EvalResult(dataset.split, threshold, scores["miou"],
-                      class_table(dataset.class_names, scores), confusion, len(dataset.ids), protocol,
-                      per_image=acc.per_update() if per_image else None,
-                      ids=list(dataset.ids) if per_image else [])
+    kept = scores.per_image if scores.per_image_threshold == float(threshold) else None
+    return EvalResult(dataset.split, threshold, table["miou"], class_table(dataset.class_names, table),
+                      confusion, len(dataset.ids), protocol, per_image=kept,
+                      ids=scores.ids if kept is not None else [])
 
 
 def save_confusions(run_dir: Path, relative: str, result: EvalResult) -> str:

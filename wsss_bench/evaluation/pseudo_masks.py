@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from .. import io
-from ..data.voc import IGNORE_INDEX, VOCDataset
+from ..data.voc import IGNORE_INDEX, VOCDataset, voc_palette
 from ..errors import ConfigError
 from ..progress import progress_bar
 from . import DEFAULT_THRESHOLD
@@ -29,27 +29,7 @@ from .camfiles import check_cam_dir, read_cam
 from .miou import cams_to_labels
 
 
-def voc_colormap(count: int = 256) -> np.ndarray:
-    """The PASCAL VOC colour map ``[count, 3]`` uint8.
-
-    Bits 0, 1, 2 of the index go to the most significant bit of R, G, B, bits 3, 4, 5 to the
-    next one, and so on; this gives black background, (128, 0, 0) for class 1, ... and
-    (224, 224, 192) for the 255 "ignore" label, as in VOC's own PNGs.
-    """
-    cmap = np.zeros((count, 3), np.uint8)
-    for index in range(count):
-        r = g = b = 0
-        bits = index
-        for shift in range(7, -1, -1):
-            r |= (bits & 1) << shift
-            g |= ((bits >> 1) & 1) << shift
-            b |= ((bits >> 2) & 1) << shift
-            bits >>= 3
-        cmap[index] = (r, g, b)
-    return cmap
-
-
-_PALETTE = voc_colormap().reshape(-1).tolist()
+_PALETTE = voc_palette().reshape(-1).tolist()
 
 
 def palette_png_bytes(labels: np.ndarray) -> bytes:

@@ -16,8 +16,8 @@ side by side (see the anchors survey, section 4.3, and the wsolevaluation protoc
     the threshold maximising mIoU on a separate, small labelled *selection* split, then applied
     unchanged to the evaluated split — the fair protocol.
 
-All three come from :func:`sweep_confusions`, which computes the confusion matrix at every
-threshold of a grid in one pass over the images.  The default grid is 0.00, 0.01, ..., 0.95
+All three come from one sweep of a split (:func:`~wsss_bench.evaluation.scoring.score_split`),
+which computes the confusion matrix at every threshold of a grid in one pass over the images.  The default grid is 0.00, 0.01, ..., 0.95
 (:data:`DEFAULT_GRID`): CAMs are normalised to [0, 1], and thresholds above 0.95 only remove
 foreground.  Ties between thresholds of equal mIoU go to the lowest threshold.
 """
@@ -34,12 +34,11 @@ import torch
 
 from .. import io
 from ..data.voc import IGNORE_INDEX, VOCDataset
-from ..errors import ConfigError, DataError, UserError
-from ..progress import progress_bar
+from ..errors import ConfigError, UserError
 from . import DEFAULT_THRESHOLD
-from .camfiles import check_cam_dir, read_cam
 from .evaluate import EvalResult
 from .miou import class_table, scores_from_confusion
+from .scoring import SplitScores, score_split
 
 Curve = list[tuple[float, float]]
 """An mIoU-versus-threshold curve: ``(threshold, miou)`` pairs sorted by threshold."""
@@ -69,89 +68,20 @@ DEFAULT_GRID: tuple[float, ...] = tuple(threshold_grid())
 # One-pass sweep
 # --------------------------------------------------------------------------------------------
 
-def _check_cam_dir(cam_dir: Path, dataset: VOCDataset) -> None:
-    # The same check as evaluate_cams, so both entry points fail identically, before any work.
-    check_cam_dir(cam_dir, dataset.ids, dataset.split)
-
-
-def _best_and_label(keys: np.ndarray, cams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best foreground score and its label (``keys[argmax] + 1``) per pixel.
-
-    Images without foreground maps get a best score of ``-inf`` so that they are background at
-    every threshold, exactly as :func:`cams_to_labels` does.
-    """
-    if cams.shape[0] == 0:
-        shape = cams.shape[1:]
-        return (torch.full(shape, -math.inf, dtype=cams.dtype, device=cams.device),
-                torch.zeros(shape, dtype=torch.long, device=cams.device))
-    best, index = cams.max(dim=0)
-    keys_t = torch.as_tensor(keys, dtype=torch.long, device=cams.device)
-    return best, keys_t[index] + 1
-
-
 def sweep_confusions(cam_dir: Path, dataset: VOCDataset, thresholds: Sequence[float],
                      device: torch.device | str = "cpu", show_progress: bool = False) -> np.ndarray:
     """Confusion matrices ``[T, C+1, C+1]`` (rows = ground truth) at every background threshold.
 
     Equal, entry for entry, to ``evaluate_cams(cam_dir, dataset, t).confusion`` for each ``t`` in
-    ``thresholds`` (any order, duplicates allowed), but each CAM file and mask is read once.
-
-    Rather than building T label maps per image (O(pixels x T) work and memory), each pixel is
-    put in the bin ``k`` = number of thresholds strictly below its best score, and one
-    ``torch.bincount`` over ``k*(C+1)^2 + gt*(C+1) + label`` accumulates a ``[T+1, C+1, C+1]``
-    histogram on the device.  At threshold ``t_j`` (sorted), pixels with ``k > j`` keep their
-    argmax label and the rest are background, so the T confusions are suffix sums of the
-    histogram: O(pixels log T) per image, exact integer counts.
+    ``thresholds`` (any order, duplicates allowed), but each CAM file and mask is read once
+    (:func:`~wsss_bench.evaluation.scoring.score_split`, counted by
+    :class:`~wsss_bench.evaluation.miou.CamConfusion`).
     """
-    cam_dir = Path(cam_dir)
-    dev = torch.device(device)
     values = [float(t) for t in thresholds]
-    if not values:
-        raise ConfigError("no thresholds to sweep")
     if any(not math.isfinite(t) for t in values):
         raise ConfigError(f"thresholds must be finite, got {values}")
-    _check_cam_dir(cam_dir, dataset)
-    order = np.argsort(values, kind="stable")
-    sorted_values = [values[i] for i in order]
-    num_t, ncls = len(values), dataset.num_classes + 1
-    hist = torch.zeros((num_t + 1) * ncls * ncls, dtype=torch.long, device=dev)
-    thr_cache: dict[torch.dtype, torch.Tensor] = {}
-
-    for image_id in progress_bar(dataset.ids, f"sweep {dataset.split}", show_progress):
-        mask = dataset.load_mask(image_id)
-        keys, cams = read_cam(cam_dir / f"{image_id}.npz", dataset.num_classes, mask.shape)
-        cams_t = torch.from_numpy(cams).to(dev)
-        best, label = _best_and_label(keys, cams_t)
-        gt = torch.from_numpy(mask).to(dev, torch.long)
-        valid = gt != IGNORE_INDEX
-        best, label, gt = best[valid], label[valid], gt[valid]
-        if gt.numel() and int(gt.max()) >= ncls:
-            raise DataError(f"ground-truth mask of {image_id!r} ({dataset.split}) holds label "
-                            f"{int(gt.max())}, outside 0..{ncls - 1} and the ignore label 255")
-        # cams_to_labels compares `best > t` with t rounded to the maps' dtype (torch casts a
-        # Python scalar to the tensor's dtype).  Round the same way, then search in a dtype that
-        # holds both exactly (float16/bfloat16 are widened: searchsorted may not support them).
-        if cams_t.dtype not in thr_cache:
-            work = torch.float64 if cams_t.dtype == torch.float64 else torch.float32
-            thr_cache[cams_t.dtype] = torch.tensor(sorted_values, dtype=cams_t.dtype).to(dev, work)
-        thr = thr_cache[cams_t.dtype]
-        # side="left": k = #{t_j < best}, so best > t_j  <=>  j < k.
-        k = torch.searchsorted(thr, best.to(thr.dtype).contiguous(), side="left")
-        hist += torch.bincount(k * (ncls * ncls) + gt * ncls + label, minlength=hist.numel())
-
-    hist = hist.view(num_t + 1, ncls, ncls)
-    # above[j] = pixels with k >= j; the prediction at sorted threshold j keeps the label for
-    # k >= j + 1 (above[j + 1]) and is background for the rest.
-    above = hist.flip(0).cumsum(0).flip(0)
-    total = above[0]
-    keep = above[1:]                                        # [T, gt, label]
-    background = (total.unsqueeze(0) - keep).sum(dim=2)     # [T, gt]
-    conf_sorted = keep.clone()
-    conf_sorted[:, :, 0] += background
-    conf_sorted = conf_sorted.cpu().numpy().astype(np.int64)
-    confusions = np.empty_like(conf_sorted)
-    confusions[order] = conf_sorted
-    return confusions
+    return score_split(cam_dir, dataset, values, device=device, show_progress=show_progress,
+                       label="sweep").confusions
 
 
 def miou_curve(thresholds: Sequence[float], confusions: np.ndarray) -> Curve:
@@ -264,40 +194,48 @@ class ThresholdReport:
                           self.num_images, self.protocol)
 
 
-@dataclass
-class _Sweep:
-    """Confusions of one split at the grid thresholds plus any extra thresholds."""
-
-    dataset: VOCDataset
-    confusions: dict[float, np.ndarray]
-    curve: Curve
-
-
 def _sweep(cam_dir: Path, dataset: VOCDataset, grid: Sequence[float], extra: Sequence[float],
-           device: torch.device | str, show_progress: bool) -> _Sweep:
+           device: torch.device | str, show_progress: bool) -> SplitScores:
     thresholds = list(dict.fromkeys([*grid, *extra]))   # dedupe, keep order
-    confusions = sweep_confusions(cam_dir, dataset, thresholds, device, show_progress)
-    by_t = dict(zip(thresholds, confusions))
-    curve = miou_curve(list(grid), np.stack([by_t[t] for t in grid]))
-    return _Sweep(dataset, by_t, curve)
+    return score_split(cam_dir, dataset, thresholds, device=device, show_progress=show_progress,
+                       label="sweep")
 
 
-def _report(policy: str, sweep: _Sweep, threshold: float, stage: str,
-            selection: Optional[_Sweep] = None) -> ThresholdReport:
-    confusion = sweep.confusions[threshold]
+def _report(policy: str, sweep: SplitScores, grid: Sequence[float], threshold: float, stage: str,
+            selection: Optional[SplitScores] = None) -> ThresholdReport:
+    confusion = sweep.confusion(threshold)
     scores = scores_from_confusion(confusion)
-    sel_miou = None
-    if selection is not None:
-        sel_miou = float(scores_from_confusion(selection.confusions[threshold])["miou"])
+    curve = sweep.curve(grid)
     return ThresholdReport(
-        policy=policy, split=sweep.dataset.split, threshold=float(threshold),
+        policy=policy, split=sweep.split, threshold=float(threshold),
         miou=float(scores["miou"]), per_class=class_table(sweep.dataset.class_names, scores),
-        confusion=confusion, curve=sweep.curve, auc=_auc_or_nan(sweep.curve),
+        confusion=confusion, curve=curve, auc=_auc_or_nan(curve),
         num_images=len(sweep.dataset.ids), stage=stage,
-        selection_split=None if selection is None else selection.dataset.split,
-        selection_curve=None if selection is None else selection.curve,
-        selection_miou=sel_miou, upper_bound=policy == "oracle",
+        selection_split=None if selection is None else selection.split,
+        selection_curve=None if selection is None else selection.curve(grid),
+        selection_miou=None if selection is None else selection.miou(threshold),
+        upper_bound=policy == "oracle",
     )
+
+
+def policy_reports(main: SplitScores, *, threshold: float = DEFAULT_THRESHOLD,
+                   grid: Optional[Sequence[float]] = None, selection: Optional[SplitScores] = None,
+                   stage: str = "cam") -> dict[str, ThresholdReport]:
+    """``fixed`` and ``oracle`` reports of a scored split, plus ``heldout`` chosen on the scored
+    ``selection`` split; both sweeps must hold the grid (and ``main`` the fixed threshold).
+
+    No file is read: the sweeps of :func:`~wsss_bench.evaluation.scoring.score_split` are
+    reused, so a split serves as another's selection split at no cost.
+    """
+    values = _check_grid(grid)
+    _check_fixed(threshold)
+    curve = main.curve(values)
+    reports = {"fixed": _report("fixed", main, values, threshold, stage),
+               "oracle": _report("oracle", main, values, best_threshold(curve), stage)}
+    if selection is not None:
+        chosen = best_threshold(selection.curve(values))
+        reports["heldout"] = _report("heldout", main, values, chosen, stage, selection)
+    return reports
 
 
 def _auc_or_nan(curve: Curve) -> float:
@@ -347,14 +285,12 @@ def compare_policies(cam_dir: Path, dataset: VOCDataset, *, threshold: float = D
     values = _check_grid(grid)
     _check_fixed(threshold)
     cam_dir = Path(cam_dir)
-    main = _sweep(cam_dir, dataset, values, [threshold], device, show_progress)
-    reports = {"fixed": _report("fixed", main, threshold, stage),
-               "oracle": _report("oracle", main, best_threshold(main.curve), stage)}
+    sel = None
     if selection_dataset is not None:
         sel_ds = _check_selection(dataset, selection_dataset, allow_overlap)
         sel = _sweep(Path(selection_cam_dir or cam_dir), sel_ds, values, [], device, show_progress)
-        reports["heldout"] = _report("heldout", main, best_threshold(sel.curve), stage, sel)
-    return reports
+    main = _sweep(cam_dir, dataset, values, [threshold], device, show_progress)
+    return policy_reports(main, threshold=threshold, grid=values, selection=sel, stage=stage)
 
 
 def _check_fixed(threshold: float) -> None:
@@ -386,16 +322,16 @@ def apply_policy(policy: str, cam_dir: Path, dataset: VOCDataset, *,
     if policy == "fixed":
         _check_fixed(threshold)
         main = _sweep(cam_dir, dataset, values, [threshold], device, show_progress)
-        return _report("fixed", main, threshold, stage)
+        return _report("fixed", main, values, threshold, stage)
     if policy == "oracle":
         main = _sweep(cam_dir, dataset, values, [], device, show_progress)
-        return _report("oracle", main, best_threshold(main.curve), stage)
+        return _report("oracle", main, values, best_threshold(main.curve(values)), stage)
     sel_ds = _check_selection(dataset, selection_dataset, allow_overlap)
     # Choose on the selection split first: the evaluated split is only read afterwards.
     sel = _sweep(Path(selection_cam_dir or cam_dir), sel_ds, values, [], device, show_progress)
-    chosen = best_threshold(sel.curve)
+    chosen = best_threshold(sel.curve(values))
     main = _sweep(cam_dir, dataset, values, [], device, show_progress)
-    return _report("heldout", main, chosen, stage, sel)
+    return _report("heldout", main, values, chosen, stage, sel)
 
 
 # --------------------------------------------------------------------------------------------

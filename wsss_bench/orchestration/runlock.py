@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from .errors import UserError
+from ..errors import UserError
 
 log = logging.getLogger("wsss_bench")
 

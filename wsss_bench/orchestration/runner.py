@@ -10,49 +10,18 @@ from typing import Any, Optional
 
 import torch
 
-from . import distributed, io, runlock
-from .components import create_dataset
-from .config import RunConfig
+from .. import contracts, distributed, io
+from ..config import RunConfig
+from ..data.open import cache_dir, open_datasets, resolve_data_root  # noqa: F401 (the old home)
+from ..device import seed_everything
+from ..errors import ConfigError, WeightsError
+from ..evaluation.tables import results_markdown
+from ..plugins import registry
+from . import runlock
 from .context import MethodContext
-from .data.voc import VOCDataset, open_split
-from .device import seed_everything
-from .errors import ConfigError, DataError, WeightsError
-from .evaluation.tables import results_markdown
 from .manifest import Manifest
-from .plugins import registry
 
 log = logging.getLogger("wsss_bench")
-
-
-def cache_dir() -> Path:
-    """Where generated datasets are cached (``WSSS_BENCH_CACHE`` or ``~/.cache/wsss-bench``)."""
-    return Path(os.environ.get("WSSS_BENCH_CACHE", Path.home() / ".cache" / "wsss-bench"))
-
-
-def resolve_data_root(config: RunConfig) -> tuple[Path, Optional[list[str]]]:
-    """The VOC-layout root to read, preparing it with the dataset plugin when one is named."""
-    ds = config.dataset
-    if ds.name is None:
-        if ds.root is None:
-            raise ConfigError("no dataset: give --data-root DIR or a dataset name")
-        return Path(ds.root), None
-    plugin = create_dataset(ds.name, **ds.options)
-    root = Path(plugin.prepare(Path(ds.root) if ds.root else None, cache_dir()))
-    return root, getattr(plugin, "class_names", None)
-
-
-def open_datasets(config: RunConfig, require_masks: bool = True
-                  ) -> tuple[VOCDataset, dict[str, VOCDataset]]:
-    """The training split and the evaluation splits (which must have masks to be scored)."""
-    root, names = resolve_data_root(config)
-    ds = config.dataset
-    train = open_split(root, ds.train_split, ds.labels_file, names).subset(ds.max_images)
-    evals = {}
-    for split in ds.eval_splits:
-        evals[split] = open_split(root, split, ds.labels_file, names).subset(ds.max_images)
-        if require_masks and evals[split].mask_dir is None:
-            raise DataError(f"{root}: split {split!r} has no ground-truth masks to evaluate against")
-    return train, evals
 
 
 def default_run_dir(config: RunConfig) -> Path:
@@ -89,28 +58,34 @@ def prepare_run_dir(path: Path, resume: bool) -> Path:
     return path
 
 
-def validate_plugins(config: RunConfig) -> None:
+def validate_plugins(config: RunConfig) -> Any:
     """Resolve every named plugin and check its options; build the backbone on the meta device
-    (no memory, no compute) so that bad variants such as ``timm:resnet1888`` fail early."""
+    (no memory, no compute) so that bad variants such as ``timm:resnet1888`` fail early.
+
+    Returns the method object, built once from its validated options: the run executes this
+    very object (:attr:`MethodContext.method`).
+    """
     # Building the method object is cheap and lets it check what it names (e.g. a clusterer).
-    registry("method").create(config.method.name, **config.method.options)
+    method = registry("method").create(config.method.name, **config.method.options)
     if config.dataset.name is not None:
         registry("dataset").get(config.dataset.name).validate_options(dict(config.dataset.options))
     with torch.device("meta"):
         registry("backbone").create(config.backbone.name, **config.backbone.options)
+    return method
 
 
-def preflight(config: RunConfig, training: bool = True) -> None:
+def preflight(config: RunConfig, training: bool = True) -> Any:
     """Every check a run makes before it writes anything; ``wsss run --dry-run`` and
     ``wsss bench --dry-run`` make exactly these.
 
     Plugins and their options (:func:`validate_plugins`), the device, the data root of a
-    config that names one, and (``training``) the ``train.init_weights`` file.
+    config that names one, and (``training``) the ``train.init_weights`` file.  Returns the
+    method object :func:`validate_plugins` built.
     """
-    from .data.voc import check_root
-    from .device import resolve_device
+    from ..data.voc import check_root
+    from ..device import resolve_device
 
-    validate_plugins(config)
+    method = validate_plugins(config)
     resolve_device(config.device)
     if config.dataset.name is None and config.dataset.root is not None:
         check_root(Path(config.dataset.root))
@@ -120,6 +95,7 @@ def preflight(config: RunConfig, training: bool = True) -> None:
             raise WeightsError(f"{init}: train.init_weights is a directory; give the weights file inside it")
         if not Path(init).is_file():
             raise WeightsError(f"{init}: train.init_weights file not found")
+    return method
 
 
 def make_context(config: RunConfig, run_dir: Path, resume: bool = False,
@@ -131,7 +107,7 @@ def make_context(config: RunConfig, run_dir: Path, resume: bool = False,
     ``training=False`` (inference from a checkpoint) skips what only training needs, such as
     the ``train.init_weights`` file.
     """
-    preflight(config, training)
+    method = preflight(config, training)
     # Denormal floats (weights decayed towards zero, tiny activations) slow CPU kernels down by
     # an order of magnitude; flushing them changes nothing measurable in CAMs or mIoU.
     torch.set_flush_denormal(True)
@@ -152,7 +128,7 @@ def make_context(config: RunConfig, run_dir: Path, resume: bool = False,
     return MethodContext(config, run_dir, device, train_set, eval_sets,
                          not config.quiet and job.is_main, manifest=manifest,
                          store=Path(store) if store is not None else None, force=tuple(force),
-                         job=job)
+                         job=job, method=method)
 
 
 def run(config: RunConfig, out_dir: Optional[Path] = None, resume: bool = False,
@@ -163,21 +139,18 @@ def run(config: RunConfig, out_dir: Optional[Path] = None, resume: bool = False,
     were computed before (same weights, data, settings) are linked in, not recomputed.
     """
     start = time.perf_counter()
-    method = registry("method").get(config.method.name)
-    method_options = method.validate_options(config.method.options)
     job, _ = distributed.setup(config.device)
     # The default folder name holds a time stamp: every process must use rank 0's.
     run_dir = Path(out_dir) if out_dir else job.broadcast(default_run_dir(config))
     ctx = make_context(config, run_dir, resume, store=store, force=force)
     try:
-        return _run_method(config, method, method_options, ctx, start)
+        return _run_method(config, ctx, start)
     finally:
         if job.is_main:
             runlock.release(ctx.run_dir)
 
 
-def _run_method(config: RunConfig, method: Any, method_options: Any, ctx: MethodContext,
-                start: float) -> dict[str, Any]:
+def _run_method(config: RunConfig, ctx: MethodContext, start: float) -> dict[str, Any]:
     """The method's work in a prepared context, then ``results.json`` / ``results.md``."""
     job = ctx.job
     run_dir, device, eval_sets = ctx.run_dir, ctx.device, ctx.eval_sets
@@ -185,7 +158,8 @@ def _run_method(config: RunConfig, method: Any, method_options: Any, ctx: Method
         io.write_yaml(run_dir / "config.yaml", config.to_dict())
     log.info("run %s: method %s, backbone %s, %d training images, device %s", run_dir,
              config.method.name, config.backbone.name, len(ctx.train_set.ids), device)
-    outcome = method.factory(**method_options).run(ctx)
+    component = registry("method").get(config.method.name)
+    outcome = contracts.check_method_outcome(ctx.method.run(ctx), component)
     rows = outcome["rows"]
     final = [r for r in rows if r.get("final")] or rows[-len(eval_sets):]
     results = {

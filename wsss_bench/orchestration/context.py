@@ -9,10 +9,7 @@ evaluate) rather than re-implementing them, so every method writes the same arti
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -20,33 +17,25 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from . import checkpoints, io
-from .architecture import backbone_for_checkpoint
-from .components import create_backbone, create_clusterer
-from .config import RunConfig
-from .data.voc import VOCDataset
-from .distributed import Distributed
-from .engine.cams import CamFunction, extract_features, infer_split
-from .engine.model import PARENT, Classifier
-from .engine.train import train_classifier
-from .evaluation.camfiles import CHECKSUMS, damaged_cam_files, record_checksums
-from .errors import ConfigError, WeightsError
-from .evaluation.evaluate import evaluate_cams, result_row, save_confusions
-from .evaluation.thresholds import compare_policies, plot_curves, save_curve
+from .. import checkpoints, io
+from ..architecture import backbone_for_checkpoint
+from ..components import create_backbone, create_clusterer
+from ..config import RunConfig
+from ..data.voc import VOCDataset
+from ..distributed import Distributed
+from ..engine.cams import CamFunction, extract_features, infer_split
+from ..engine.model import PARENT, Classifier
+from ..engine.train import train_classifier
+from ..errors import ConfigError, WeightsError
+from ..evaluation.camfiles import CHECKSUMS, damaged_cam_files, record_checksums
+from ..evaluation.evaluate import result_at, result_row, save_confusions
+from ..evaluation.scoring import SplitScores, score_split
+from ..evaluation.thresholds import (DEFAULT_GRID, _check_selection, plot_curves, policy_reports,
+                                     save_curve)
 from .manifest import Manifest
+from .stage_cache import Stage, StageCache, digest, link_file, link_tree  # noqa: F401 (public here)
 
 log = logging.getLogger("wsss_bench")
-
-
-def digest(obj: Any) -> str:
-    """A short stable hash of a JSON-able object or numpy array."""
-    h = hashlib.sha256()
-    if isinstance(obj, np.ndarray):
-        h.update(str(obj.dtype).encode() + str(obj.shape).encode())
-        h.update(np.ascontiguousarray(obj).tobytes())
-    else:
-        h.update(json.dumps(obj, sort_keys=True, default=str).encode())
-    return h.hexdigest()[:16]
 
 
 @dataclass
@@ -69,6 +58,14 @@ class MethodContext:
     force: tuple[str, ...] = ()
     #: The ``torchrun`` job this process belongs to (a single process by default).
     job: Distributed = field(default_factory=Distributed)
+    #: The method object this run executes, built once from the validated options
+    #: (:func:`wsss_bench.orchestration.runner.make_context`); None for steps run without a method.
+    method: Any = None
+    #: Store look-ups, ``--force`` and the manifest record of every cached stage.
+    stages: StageCache = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.stages = StageCache(self.store, tuple(self.force), self.manifest)
 
     def shared(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` once, on rank 0, and return its result on every process.
@@ -80,16 +77,7 @@ class MethodContext:
 
     def forced(self, stage: str) -> bool:
         """Whether ``stage`` (e.g. ``train:round1``) must be recomputed."""
-        return any(stage == f or stage.startswith(f + ":") for f in self.force)
-
-    def _stored(self, kind: str, key: str, suffix: str = "") -> Optional[Path]:
-        return self.store / kind / f"{key}{suffix}" if self.store is not None else None
-
-    def record(self, stage: str, inputs: dict[str, Any], outputs: list[Path], started: float,
-               reused: bool = False) -> None:
-        """Add a finished stage to the run manifest (when there is one)."""
-        if self.manifest is not None:
-            self.manifest.stage(stage, inputs, outputs, time.perf_counter() - started, reused)
+        return self.stages.forced(stage)
 
     @property
     def num_classes(self) -> int:
@@ -189,29 +177,28 @@ class MethodContext:
             cfg = cfg.model_copy(update={"snapshot_epoch": snapshot_epoch})
         if cfg.snapshot_epoch is not None and cfg.snapshot_epoch >= cfg.epochs:
             raise ConfigError(f"snapshot epoch {cfg.snapshot_epoch} is not below train.epochs={cfg.epochs}")
-        key = digest({"train": cfg.model_dump(mode="json"), "backbone": self.config.backbone.model_dump(),
+        key_inputs = {"train": cfg.model_dump(mode="json"), "backbone": self.config.backbone.model_dump(),
                       "ids": self.train_set.ids, "seed": self.config.seed + seed_offset,
                       "targets": {k: digest(v) for k, v in (extra_targets or {}).items()},
                       "weights": loss_weights, "heads": model.describe(),
-                      "init": checkpoints.state_digest(model)})
+                      "init": checkpoints.state_digest(model)}
+        key = digest(key_inputs)
+        stage = self.stages.stage(f"train:{tag}", "checkpoints", key_inputs, ".pth",
+                                  record={"digest": key, "images": len(self.train_set.ids),
+                                          "heads": model.describe()})
         path = self.checkpoint_path(tag)
-        stored = self._stored("checkpoints", key, ".pth")
-        forced = self.forced(f"train:{tag}")
         state_file = path.with_suffix(".state.pth")
         if self.job.is_main:
-            if stored is not None and stored.is_file() and not path.is_file() and not forced:
-                link_file(stored, path)
-            if forced:
+            stage.fetch_file(path)
+            if stage.forced:
                 state_file.unlink(missing_ok=True)  # our own resume file: start the stage afresh
         self.job.barrier()  # every process now sees the same files and takes the same branch
-        started = time.perf_counter()
-        inputs = {"digest": key, "images": len(self.train_set.ids), "heads": model.describe()}
-        found = self._readable_checkpoint(path) if not forced else None
+        found = self._readable_checkpoint(path) if not stage.forced else None
         if found is not None:
             if found["meta"].get("input_digest") == key:
                 self.info(f"{tag}: reusing {path}")
                 checkpoints.load_into(model, found["state_dict"], str(path))
-                self.record(f"train:{tag}", inputs, [path], started, reused=True)
+                stage.record([path], reused=True)
                 return path
         train_log = train_classifier(model, self.train_set, cfg, self.device, self.config.seed + seed_offset,
                                      extra_targets, loss_weights, self.show_progress, tag,
@@ -224,9 +211,8 @@ class MethodContext:
                                                       "backbone": self.config.backbone.model_dump(),
                                                       "class_names": self.class_names, "heads": model.describe()})
             state_file.unlink(missing_ok=True)  # our own resume file, superseded by the checkpoint
-            self.record(f"train:{tag}", inputs, [path], started)
-            if stored is not None:
-                link_file(path, stored)
+            stage.record([path])
+            stage.publish_file(path)
         self.job.barrier()
         return path
 
@@ -245,24 +231,24 @@ class MethodContext:
 
     def features(self, model: Classifier, tag: str) -> np.ndarray:
         """Image-level features of the training split, saved under ``features/<tag>.npy``."""
-        started = time.perf_counter()
-        key = digest({"model": checkpoints.state_digest(model), "ids": self.train_set.ids,
-                      "root": str(self.train_set.root)})
+        key_inputs = {"model": checkpoints.state_digest(model), "ids": self.train_set.ids,
+                      "root": str(self.train_set.root)}
+        stage = self.stages.stage(f"features:{tag}", "features", key_inputs, ".npy",
+                                  record={"key": digest(key_inputs)})
         path = self.run_dir / "features" / f"{tag}.npy"
-        stored = self._stored("features", key, ".npy")
 
         def compute() -> None:
-            if stored is not None and stored.is_file() and not self.forced(f"features:{tag}"):
-                link_file(stored, path)
+            if stage.stored_file():
+                link_file(stage.stored, path)  # type: ignore[arg-type]
                 if _readable_array(path):
-                    self.record(f"features:{tag}", {"key": key}, [path], started, reused=True)
+                    stage.record([path], reused=True)
                     return
-                log.warning("%s: damaged stored features, extracting them again", stored)
+                log.warning("%s: damaged stored features, extracting them again", stage.stored)
             feats = extract_features(model, self.train_set, self.device, self.show_progress)
             self.save_array(f"features/{tag}.npy", feats)
-            self.record(f"features:{tag}", {"key": key, "split": self.train_set.split}, [path], started)
-            if stored is not None:
-                link_file(path, stored)
+            stage.inputs = {**stage.inputs, "split": self.train_set.split}
+            stage.record([path])
+            stage.publish_file(path)
 
         # Rank 0 extracts (a single pass over the split is cheap next to training); the others
         # read its file, so every process clusters exactly the same numbers.
@@ -286,46 +272,39 @@ class MethodContext:
         """CAMs for every evaluation split, scored; one result row per split.
 
         ``cam_fn`` swaps the head-weight CAM for another map (post-hoc methods); ``stage``
-        names it in the protocol and the output folder.
+        names it in the protocol and the output folder.  Each split's CAM files are read once
+        for all its scores (fixed threshold, per-image confusions, threshold policies, curves
+        and checksums), and a split's sweep is reused as another's selection split.
         """
         stage = stage or ("cam" if head == PARENT else f"cam-{head}")
         model_key = checkpoints.state_digest(model)
-        rows = [self._split_cams(model, tag, head, split, dataset, stage, model_key, row, cam_fn)
+        made = [self._split_cams(model, tag, head, split, dataset, stage, model_key, cam_fn)
                 for split, dataset in self.eval_sets.items()]
-
-        def with_policies() -> list[dict[str, Any]]:
-            self.add_threshold_policies(rows, stage)
-            return rows
-
-        # Rank 0 attaches the policies; every process gets its rows back.
-        return self.job.on_main(with_policies)
+        # Rank 0 scores; every process gets the rows back.
+        return self.job.on_main(lambda: self._score_splits(made, tag, head, stage, row))
 
     def _split_cams(self, model: Classifier, tag: str, head: str, split: str, dataset: VOCDataset,
-                    stage: str, model_key: str, row: Optional[dict[str, Any]],
-                    cam_fn: Optional[CamFunction]) -> dict[str, Any]:
-        """CAM files of one split (cached, sharded under torchrun) and their result row."""
+                    stage: str, model_key: str, cam_fn: Optional[CamFunction]) -> "_SplitCams":
+        """CAM files of one split (cached, sharded under torchrun), not yet scored."""
         folder = tag if stage == "cam" else f"{tag}-{stage}"
         out = self.run_dir / "cams" / folder / split
-        started = time.perf_counter()
         inputs = {"model": model_key, "scales": self.config.cams.scales, "stage": stage,
                   "precision": self.config.cams.precision,
                   "flip": self.config.cams.flip, "head": head, "ids": digest(dataset.ids),
                   "root": str(dataset.root)}
-        key = digest(inputs)
-        stored = self._stored("cams", key)
-        forced = self.forced(f"cams:{folder}:{split}")
-        reused = stored is not None and (stored / "complete").is_file() and not forced
+        cached = self.stages.stage(f"cams:{folder}:{split}", "cams", inputs)
+        reused = cached.stored_folder()
 
         def prepare_folder() -> int:
             marker = out / ".inputs"
-            if forced or not marker.is_file() or marker.read_text() != key:
+            if cached.forced or not marker.is_file() or marker.read_text() != cached.key:
                 # CAMs of other inputs (another model or setting) are stale: our own files in
                 # our own run folder, removed before the marker says the folder holds this key.
                 for old in [*out.glob("*.npz"), out / CHECKSUMS]:
                     old.unlink(missing_ok=True)
-                io.write_text(marker, key)
+                io.write_text(marker, cached.key)
             if reused:
-                link_tree(stored, out)
+                cached.fetch_folder(out)
             # Resume trusts nothing it finds: a file changed since it was recorded, truncated or
             # unreadable is recomputed rather than failing every retry at scoring time.
             damaged = damaged_cam_files(out, dataset.num_classes)
@@ -343,21 +322,34 @@ class MethodContext:
                                   precision=self.config.cams.precision,
                                   rank=self.job.rank, world_size=self.job.world_size)
             reused = sum(self.job.all_gather(written)) == 0
+        return _SplitCams(split, dataset, out, cached, reused)
 
-        def finish_and_score() -> dict[str, Any]:
-            record_checksums(out)
-            if stored is not None and not (stored / "complete").is_file():
-                link_tree(out, stored)
-                io.write_text(stored / "complete", "")
-            self.record(f"cams:{folder}:{split}", inputs, [out], started, reused)
-            result = evaluate_cams(out, dataset, self.config.eval.threshold, self.device, stage=stage,
-                                   per_image=True)
-            scored = result_row(result, tag, head, out.relative_to(self.run_dir), row)
+    def _score_splits(self, made: list["_SplitCams"], tag: str, head: str, stage: str,
+                      row: Optional[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Score every split's CAMs in one read each, record the stages, build the rows."""
+        cfg = self.config.eval
+        # The fixed policy is a sweep of one threshold; the other policies need the grid.
+        grid = [] if cfg.policies == ["fixed"] else list(DEFAULT_GRID)
+        thresholds = list(dict.fromkeys([*grid, cfg.threshold]))
+        scores: dict[str, SplitScores] = {}
+        rows = []
+        for cams in made:
+            scored = score_split(cams.out, cams.dataset, thresholds, per_image_threshold=cfg.threshold,
+                                 device=self.device, label="score")
+            record_checksums(cams.out, scored.digests)
+            cams.stage.publish_folder(cams.out)
+            cams.stage.record([cams.out], cams.reused,
+                              known={cams.out / name: sha for name, sha in scored.digests.items()})
+            scores[cams.split] = scored
+            result = result_at(scored, cfg.threshold, stage)
+            result_row_ = result_row(result, tag, head, cams.out.relative_to(self.run_dir), row)
             # Per-image confusions: what the bench's paired bootstrap over images resamples.
-            scored["confusions"] = save_confusions(self.run_dir, f"confusions/{tag}-{stage}-{split}.npz", result)
-            return scored
-
-        return self.job.on_main(finish_and_score)
+            result_row_["confusions"] = save_confusions(
+                self.run_dir, f"confusions/{tag}-{stage}-{cams.split}.npz", result)
+            rows.append(result_row_)
+        if grid:
+            self.add_threshold_policies(rows, stage, scores)
+        return rows
 
     def selection_for(self, split: str) -> Optional[str]:
         """The split whose ground truth picks the ``heldout`` threshold for ``split``."""
@@ -366,12 +358,11 @@ class MethodContext:
             return chosen if chosen != split else None
         return next((s for s in self.eval_sets if s != split), None)
 
-    def add_threshold_policies(self, rows: list[dict[str, Any]], stage: str) -> None:
-        """Attach oracle / held-out scores and the mIoU-vs-threshold curve to each row."""
+    def add_threshold_policies(self, rows: list[dict[str, Any]], stage: str,
+                               scores: dict[str, SplitScores]) -> None:
+        """Attach oracle / held-out scores and the mIoU-vs-threshold curve to each row, from
+        the splits' sweeps (no CAM file is read again)."""
         cfg = self.config.eval
-        if cfg.policies == ["fixed"] or not rows:
-            return
-        cam_dirs = {r["split"]: self.run_dir / r["cams"] for r in rows}
         for r in rows:
             split = r["split"]
             selection = self.selection_for(split) if "heldout" in cfg.policies else None
@@ -379,10 +370,10 @@ class MethodContext:
                 raise ConfigError(f"eval.selection_split {selection!r} must be one of the evaluation "
                                   f"splits {list(self.eval_sets)}")
             try:
-                reports = compare_policies(cam_dirs[split], self.eval_sets[split], threshold=cfg.threshold,
-                                           selection_dataset=self.eval_sets.get(selection) if selection else None,
-                                           selection_cam_dir=cam_dirs.get(selection) if selection else None,
-                                           device=self.device, stage=stage)
+                if selection is not None:
+                    _check_selection(self.eval_sets[split], self.eval_sets[selection], allow_overlap=False)
+                reports = policy_reports(scores[split], threshold=cfg.threshold,
+                                         selection=scores[selection] if selection else None, stage=stage)
             except ConfigError as exc:  # e.g. a selection split overlapping the evaluated one
                 log.warning("threshold policies for %s: %s", split, exc)
                 continue
@@ -401,6 +392,17 @@ class MethodContext:
                 r["curve"] = f"curves/{name}.json"
 
 
+@dataclass
+class _SplitCams:
+    """One split's CAM folder between inference and scoring."""
+
+    split: str
+    dataset: VOCDataset
+    out: Path
+    stage: Stage
+    reused: bool
+
+
 def _readable_array(path: Path) -> bool:
     """Whether ``path`` is a readable ``.npy`` array (never unpickled)."""
     try:
@@ -408,27 +410,3 @@ def _readable_array(path: Path) -> bool:
     except (OSError, ValueError, EOFError):
         return False
     return True
-
-
-def link_file(source: Path, target: Path) -> None:
-    """Hard-link ``source`` to ``target`` (copy across file systems); never half-written."""
-    import os
-    import shutil
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.link")
-    try:
-        os.link(source, tmp)
-    except OSError:
-        shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
-
-
-def link_tree(source: Path, target: Path) -> None:
-    """Link every ``.npz`` file of ``source`` into ``target``."""
-    for path in source.glob("*.npz"):
-        if not (target / path.name).is_file():
-            link_file(path, target / path.name)
-
-
-MethodRunner = Callable[[MethodContext], dict[str, Any]]

@@ -13,25 +13,30 @@ import platform
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 import torch
 
-from . import __version__, io
-from .io import file_sha256
-from .config import RunConfig
-from .data.voc import SPLIT_DIR, VOCDataset
-from .plugins import plugin_infos
+from .. import __version__, io
+from ..config import RunConfig
+from ..data.voc import SPLIT_DIR, VOCDataset
+from ..io import file_sha256
+from ..plugins import plugin_infos
 
 MANIFEST = "manifest.json"
 
 
-def tree_sha256(paths: Iterable[Path]) -> str:
-    """One checksum over many files (names and contents, in sorted order)."""
+def tree_sha256(paths: Iterable[Path], known: Optional[Mapping[Path, str]] = None) -> str:
+    """One checksum over many files (names and contents, in sorted order).
+
+    ``known`` holds SHA-256s already taken of some of the files (e.g. by scoring, which hashes
+    the CAM bytes it reads); those files are not read again.
+    """
+    known = known or {}
     h = hashlib.sha256()
     for path in sorted(paths):
         h.update(path.name.encode())
-        h.update(file_sha256(path).encode())
+        h.update((known.get(path) or file_sha256(path)).encode())
     return h.hexdigest()
 
 
@@ -82,15 +87,15 @@ class Manifest:
         }
 
     def stage(self, name: str, inputs: dict[str, Any], outputs: list[Path], seconds: float,
-              reused: bool = False) -> None:
-        """Record one finished stage and save."""
+              reused: bool = False, known: Optional[Mapping[Path, str]] = None) -> None:
+        """Record one finished stage and save (``known``: see :func:`tree_sha256`)."""
         files = [p for out in outputs for p in (sorted(out.rglob("*")) if out.is_dir() else [out])
                  if p.is_file()]
         self.data["stages"].append({
             "name": name, "inputs": inputs, "reused": reused, "seconds": round(seconds, 3),
             "outputs": [str(o.relative_to(self.path.parent)) if o.is_relative_to(self.path.parent) else str(o)
                         for o in outputs],
-            "files": len(files), "sha256": tree_sha256(files) if files else None,
+            "files": len(files), "sha256": tree_sha256(files, known) if files else None,
         })
         self.save()
 

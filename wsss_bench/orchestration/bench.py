@@ -35,13 +35,14 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from scipy import stats
 
-from . import io, runlock
-from .config import deep_merge, load_config, parse_override, read_yaml_file
-from .errors import ConfigError, DataError, UserError
+from .. import io
+from ..config import deep_merge, load_config, parse_override, read_yaml_file
+from ..errors import ConfigError, DataError, UserError
+from ..evaluation.evaluate import load_confusions
+from ..evaluation.miou import miou_from_confusions
+from ..evaluation.tables import markdown_table, pct
+from . import runlock
 from .runner import preflight
-from .evaluation.evaluate import load_confusions
-from .evaluation.miou import miou_from_confusions
-from .evaluation.tables import markdown_table, pct
 
 BENCH_KEYS = {"name", "preset", "base", "matrix", "labels", "description", "overrides"}
 

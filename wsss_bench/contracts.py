@@ -1,0 +1,250 @@
+"""The host-plugin boundary in code: what each plugin kind provides, and the checks of it.
+
+Every component a plugin registers is created by the host (:mod:`wsss_bench.components`), and the
+host checks what it gets back against the contract below.  A violation is a
+:class:`~wsss_bench.errors.PluginError` that names the component, its plugin and the plugin's
+distribution, so a user knows whom to tell; it never surfaces as an AttributeError or an
+IndexError deep inside the pipeline.
+
+The Protocols describe the contract for type checkers and authors; the ``check_*`` functions
+enforce it at run time (cheaply: attributes at creation, the first output of a backbone, every
+clusterer's labels, every method's result).  :mod:`wsss_bench.testing` runs the same checks, and
+more expensive ones (determinism), over any registered component.
+
+Registration is unchanged for third-party plugins: the ``wsss_bench`` entry-point group, the
+``register(name, factory, help=..., options=...)`` callback of each ``register_*`` hook, and
+``fit_predict(features, k, seed)``; everything added since is optional.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, TypedDict, runtime_checkable
+
+import numpy as np
+
+from .errors import PluginError
+
+if TYPE_CHECKING:  # pragma: no cover - annotations only; this module stays torch-free
+    import torch
+    from pydantic import BaseModel
+
+    from .clustering import ClusterMetadata
+    from .orchestration.context import MethodContext
+    from .registry import Component
+
+#: Attribute the host sets on the objects it creates, so later checks can name their origin.
+COMPONENT_ATTR = "_wsss_component"
+
+
+def __getattr__(name: str) -> Any:
+    # MethodContext, the typed context a method's run(ctx) receives, is part of the contract;
+    # its home (wsss_bench.orchestration.context) imports torch, so it loads on first use.
+    if name == "MethodContext":
+        from .orchestration.context import MethodContext
+
+        return MethodContext
+    raise AttributeError(f"module 'wsss_bench.contracts' has no attribute {name!r}")
+
+
+class Register(Protocol):
+    """The ``register`` callback every ``register_*`` hook receives."""
+
+    def __call__(self, name: str, factory: Callable[..., Any], help: str = "",
+                 options: Optional[type["BaseModel"]] = None) -> None:
+        """Register ``factory`` under ``name``; ``factory(**options)`` builds the component.
+
+        ``options`` (a pydantic model) validates the options before the factory sees them.
+        """
+
+
+@dataclass(frozen=True)
+class FeatureLevel:
+    """One intermediate feature map a backbone exposes (e.g. for AffinityNet)."""
+
+    channels: int
+    stride: int
+
+
+@runtime_checkable
+class Backbone(Protocol):
+    """A backbone: an ``nn.Module`` whose ``forward(x)`` gives the final map ``[N, C, h, w]``.
+
+    Required: ``out_channels`` (C) and ``stride`` (``h = ceil(H / stride)`` up to one pixel:
+    CAM sizes depend on it).  Optional: ``feature_levels`` (name -> :class:`FeatureLevel`),
+    ``load_pretrained(path)``, ``pretrained_source`` (dict naming the weights it loaded) and, on
+    the factory, ``options_from_state_dict(state_dict) -> dict | None``.
+    """
+
+    out_channels: int
+    stride: int
+
+    def __call__(self, x: "torch.Tensor") -> "torch.Tensor": ...
+
+
+@runtime_checkable
+class Clusterer(Protocol):
+    """``fit_predict(features [N, D], k, seed) -> int labels [N] in [0, k)``.
+
+    Optional: a ``metadata`` keyword (:class:`wsss_bench.clustering.ClusterMetadata`) and
+    ``choose_k(metadata) -> int``.
+    """
+
+    def fit_predict(self, features: np.ndarray, k: int, seed: int) -> np.ndarray: ...
+
+
+class MethodOutcome(TypedDict, total=False):
+    """What a method's ``run(ctx)`` returns: result ``rows`` (required; from
+    :meth:`MethodContext.cams_and_scores`), and optionally ``extra``, ``tables``, ``summary``."""
+
+    rows: list[dict[str, Any]]
+    extra: dict[str, Any]
+    tables: dict[str, Any]
+    summary: dict[str, Any]
+
+
+@runtime_checkable
+class CamMethod(Protocol):
+    """A CAM method: ``run(ctx)`` trains what it needs through the context and returns rows."""
+
+    def run(self, ctx: "MethodContext") -> MethodOutcome: ...
+
+
+@runtime_checkable
+class DatasetProvider(Protocol):
+    """A dataset: ``prepare(root | None, cache_dir) -> Path`` of a VOC-layout tree; optional
+    ``class_names``."""
+
+    def prepare(self, root: Optional[Path], cache_dir: Path) -> Path: ...
+
+
+# -- naming ---------------------------------------------------------------------------------------
+def describe(component: Optional["Component"]) -> str:
+    """``backbone 'x' (plugin 'p', distribution d 1.2)`` for error messages."""
+    if component is None:
+        return "a plugin component"
+    origin = f"plugin {component.plugin!r}"
+    if component.distribution:
+        origin += f", distribution {component.distribution}"
+    return f"{component.kind} {component.name!r} ({origin})"
+
+
+def describe_object(obj: Any) -> str:
+    """:func:`describe` of the component ``obj`` was created as, else its class name."""
+    component = getattr(obj, COMPONENT_ATTR, None)
+    return describe(component) if component is not None else f"{type(obj).__name__}"
+
+
+def tag(obj: Any, component: "Component") -> Any:
+    """Remember on ``obj`` which component made it (objects that refuse attributes stay as they are)."""
+    try:
+        object.__setattr__(obj, COMPONENT_ATTR, component)
+    except (AttributeError, TypeError):
+        pass
+    return obj
+
+
+def violation(component_or_obj: Any, what: str) -> PluginError:
+    """The error for a broken contract, naming the component and where it comes from."""
+    from .registry import Component
+
+    name = describe(component_or_obj) if isinstance(component_or_obj, Component) else describe_object(component_or_obj)
+    return PluginError(f"{name} broke its contract: {what}")
+
+
+# -- checks ---------------------------------------------------------------------------------------
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > 0
+
+
+def check_backbone(backbone: Any, component: "Component") -> Any:
+    """Check a freshly built backbone's attributes; arm a check of its first output."""
+    for attr in ("out_channels", "stride"):
+        if not _positive_int(getattr(backbone, attr, None)):
+            raise violation(component, f"the backbone has no positive integer `{attr}` "
+                                       f"(got {getattr(backbone, attr, 'nothing')!r})")
+    levels = getattr(backbone, "feature_levels", None)
+    if levels is not None:
+        if not isinstance(levels, dict) or not all(
+                isinstance(k, str) and isinstance(v, FeatureLevel) and _positive_int(v.channels)
+                and _positive_int(v.stride) for k, v in levels.items()):
+            raise violation(component, "`feature_levels` must map names to FeatureLevel(channels, stride)")
+    tag(backbone, component)
+    register_hook = getattr(backbone, "register_forward_hook", None)
+    if register_hook is not None:
+        handle = None
+
+        def first_output(module: Any, inputs: tuple, output: Any) -> None:
+            handle.remove()  # once: the check costs nothing after the first batch
+            check_backbone_output(module, inputs[0] if inputs else None, output, component)
+
+        handle = register_hook(first_output)
+    return backbone
+
+
+def check_backbone_output(backbone: Any, x: Any, out: Any, component: Optional["Component"] = None,
+                          finite: bool = False) -> None:
+    """The final map: a float ``[N, out_channels, ~H/stride, ~W/stride]`` tensor (``finite``: and
+    no NaN or Inf, which only says something about freshly built weights, not loaded ones)."""
+    import torch
+
+    who = component if component is not None else backbone
+    if not isinstance(out, torch.Tensor) or out.ndim != 4 or not out.is_floating_point():
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise violation(who, f"forward() must return a float tensor [N, C, h, w], got {shape}")
+    if out.shape[1] != backbone.out_channels:
+        raise violation(who, f"forward() gave {out.shape[1]} channels but out_channels is {backbone.out_channels}")
+    if isinstance(x, torch.Tensor) and x.ndim == 4:
+        for axis, size in ((2, x.shape[2]), (3, x.shape[3])):
+            expected = math.ceil(size / backbone.stride)
+            if abs(out.shape[axis] - expected) > 1:
+                raise violation(who, f"input {tuple(x.shape[2:])} gave a {tuple(out.shape[2:])} map; "
+                                     f"stride {backbone.stride} means about {expected} along axis {axis}")
+    if finite and not bool(torch.isfinite(out).all()):
+        raise violation(who, "forward() returned NaN or infinite values")
+
+
+def check_labels(clusterer: Any, labels: Any, n: int, k: int) -> np.ndarray:
+    """A clusterer's labels: integers, shape ``[n]``, values in ``[0, k)``; returned as int64."""
+    labels = np.asarray(labels)
+    if labels.shape != (n,):
+        raise violation(clusterer, f"fit_predict returned labels of shape {labels.shape} for {n} images")
+    if labels.dtype.kind not in "iu":
+        raise violation(clusterer, f"fit_predict returned {labels.dtype} labels; expected integers")
+    if labels.size and (labels.min() < 0 or labels.max() >= k):
+        raise violation(clusterer, f"labels must lie in [0, {k}), got [{labels.min()}, {labels.max()}]")
+    return labels.astype(np.int64)
+
+
+def check_chosen_k(clusterer: Any, chosen: Any, metadata: "ClusterMetadata") -> int:
+    """A clusterer's ``choose_k`` answer: a positive integer."""
+    if not _positive_int(chosen):
+        raise violation(clusterer, f"choose_k returned {chosen!r} for class {metadata['class_name']!r}; "
+                                   "expected a positive integer")
+    return int(chosen)
+
+
+def check_method_outcome(outcome: Any, component: "Component") -> MethodOutcome:
+    """A method's result: a dict whose ``rows`` is a non-empty list of scored rows."""
+    if not isinstance(outcome, dict):
+        raise violation(component, f"run() must return a dict with 'rows', got {type(outcome).__name__}")
+    rows = outcome.get("rows")
+    if not isinstance(rows, list) or not rows:
+        raise violation(component, "run() must return {'rows': [...]} with at least one result row "
+                                   "(from ctx.cams_and_scores)")
+    for row in rows:
+        missing = [k for k in ("split", "miou", "protocol") if not isinstance(row, dict) or k not in row]
+        if missing:
+            raise violation(component, f"result row without {missing} (rows come from ctx.cams_and_scores)")
+    for key in ("extra", "tables", "summary"):
+        if key in outcome and not isinstance(outcome[key], dict):
+            raise violation(component, f"run()'s {key!r} must be a dict")
+    return outcome  # type: ignore[return-value]
+
+
+def check_prepared_root(root: Any, component: "Component") -> Path:
+    """A dataset's ``prepare`` result: an existing folder."""
+    if not isinstance(root, (str, Path)) or not Path(root).is_dir():
+        raise violation(component, f"prepare() must return the path of a folder, got {root!r}")
+    return Path(root)

@@ -1,0 +1,142 @@
+"""Cached stages: hash the inputs, look up the shared store, honour ``--force``, record, link.
+
+Every expensive step of a run (training a classifier, extracting features, inferring a split's
+CAMs) is a *stage*: a name such as ``train:round1``, a digest of everything its output depends
+on, and an output (one file, or a folder of files).  :class:`StageCache` holds what is common
+to all of them, so a step only says what its inputs are and how to compute its output:
+
+* the content-addressed **store** shared between runs (``wsss bench`` cells, ``--cache-dir``):
+  an output whose inputs hash to a stored key is linked in rather than recomputed, and a new
+  output is linked into the store for the next run;
+* **--force**: stage names or prefixes (``train:round1``, ``cams``) recomputed even when cached;
+* the run **manifest**: each finished stage with its inputs, outputs, time and whether it was
+  reused.
+
+Which process computes (rank 0, or every rank on its shard) stays with the caller: the cache
+touches files only where it is called.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import numpy as np
+
+from .. import io
+from .manifest import Manifest
+
+#: The marker a complete stored folder holds (a folder is linked file by file).
+COMPLETE = "complete"
+
+
+def digest(obj: Any) -> str:
+    """A short stable hash of a JSON-able object or numpy array."""
+    h = hashlib.sha256()
+    if isinstance(obj, np.ndarray):
+        h.update(str(obj.dtype).encode() + str(obj.shape).encode())
+        h.update(np.ascontiguousarray(obj).tobytes())
+    else:
+        h.update(json.dumps(obj, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class StageCache:
+    """The store, the forced stages and the manifest of one run."""
+
+    store: Optional[Path] = None
+    force: tuple[str, ...] = ()
+    manifest: Optional[Manifest] = None
+
+    def forced(self, stage: str) -> bool:
+        """Whether ``stage`` (e.g. ``train:round1``) must be recomputed."""
+        return any(stage == f or stage.startswith(f + ":") for f in self.force)
+
+    def stage(self, name: str, kind: str, key_inputs: Any, suffix: str = "",
+              record: Optional[dict[str, Any]] = None) -> "Stage":
+        """Open stage ``name``: its key is the digest of ``key_inputs``; its stored copy lives
+        under ``store/<kind>/<key><suffix>``; ``record`` is what the manifest notes as its
+        inputs (default: ``key_inputs``)."""
+        key = digest(key_inputs)
+        stored = self.store / kind / f"{key}{suffix}" if self.store is not None else None
+        return Stage(self, name, key, stored, self.forced(name),
+                     key_inputs if record is None else record)
+
+
+@dataclass
+class Stage:
+    """One stage of a run, opened by :meth:`StageCache.stage`."""
+
+    cache: StageCache
+    name: str
+    key: str
+    #: Where the store keeps (or will keep) this output; None without a store.
+    stored: Optional[Path]
+    forced: bool
+    inputs: Any
+    started: float = field(default_factory=time.perf_counter)
+
+    def stored_file(self) -> bool:
+        """Whether the store holds this stage's file and it may be used."""
+        return self.stored is not None and self.stored.is_file() and not self.forced
+
+    def stored_folder(self) -> bool:
+        """Whether the store holds this stage's complete folder and it may be used."""
+        return self.stored is not None and (self.stored / COMPLETE).is_file() and not self.forced
+
+    def fetch_file(self, target: Path) -> bool:
+        """Link the stored file to ``target`` when usable and ``target`` is absent."""
+        if self.stored_file() and not target.is_file():
+            link_file(self.stored, target)  # type: ignore[arg-type]
+            return True
+        return False
+
+    def fetch_folder(self, target: Path) -> bool:
+        """Link every file of the stored folder into ``target`` when it is usable."""
+        if self.stored_folder():
+            link_tree(self.stored, target)  # type: ignore[arg-type]
+            return True
+        return False
+
+    def publish_file(self, output: Path) -> None:
+        """Link ``output`` into the store (when there is one)."""
+        if self.stored is not None:
+            link_file(output, self.stored)
+
+    def publish_folder(self, output: Path) -> None:
+        """Link ``output``'s files into the store and mark the stored folder complete."""
+        if self.stored is not None and not (self.stored / COMPLETE).is_file():
+            link_tree(output, self.stored)
+            io.write_text(self.stored / COMPLETE, "")
+
+    def record(self, outputs: list[Path], reused: bool = False,
+               known: Optional[Mapping[Path, str]] = None) -> None:
+        """Add the finished stage to the run manifest (when there is one); ``known`` holds
+        SHA-256s already taken of output files, which are then not read again."""
+        if self.cache.manifest is not None:
+            self.cache.manifest.stage(self.name, self.inputs, outputs,
+                                      time.perf_counter() - self.started, reused, known)
+
+
+def link_file(source: Path, target: Path) -> None:
+    """Hard-link ``source`` to ``target`` (copy across file systems); never half-written."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.link")
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+
+
+def link_tree(source: Path, target: Path) -> None:
+    """Link every ``.npz`` file of ``source`` into ``target``."""
+    for path in source.glob("*.npz"):
+        if not (target / path.name).is_file():
+            link_file(path, target / path.name)
