@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
+from wsss_bench.contracts import FeatureLevel
 from wsss_bench.checkpoints import describe_load_error
 from wsss_bench.errors import ConfigError, WeightsError
 from wsss_bench.hookspecs import hookimpl
@@ -220,6 +221,9 @@ class ResNet38d(nn.Module):
                               dropout=0.5 if dropout else 0.0, bn_eps=bn_eps)
         self.bn7 = nn.BatchNorm2d(c(4096), eps=bn_eps)
         self.out_channels: int = c(4096)
+        #: The maps :meth:`forward_levels` returns (PSA's AffinityNet reads all three).
+        self.feature_levels = {"conv4": FeatureLevel(c(512), 8), "conv5": FeatureLevel(c(1024), 8),
+                               "conv6": FeatureLevel(c(4096), 8)}
         # Freeze now, not only in train(): optimisers are often built from
         # `p.requires_grad` before train() is ever called.
         self._apply_freeze()
@@ -238,6 +242,10 @@ class ResNet38d(nn.Module):
         x = self.b7(x)
         conv6 = F.relu(self.bn7(x))
         return {"conv4": conv4, "conv5": conv5, "conv6": conv6}
+
+    def forward_levels(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The :attr:`feature_levels` maps (the backbone contract's name for :meth:`forward_named`)."""
+        return self.forward_named(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return conv6, the map CAMs are read from: ``[N, out_channels, ceil(H/8), ceil(W/8)]``."""

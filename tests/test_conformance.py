@@ -62,3 +62,8 @@ def test_the_kit_catches_an_off_by_one_clusterer() -> None:
             check_component(found[0])
     finally:
         plugins.unregister_plugin("kit_probe")
+
+
+@parametrize_plugins("refiner")
+def test_refiner_conforms(case: Case) -> None:
+    check_component(case)

@@ -89,6 +89,29 @@ def test_guide_method_and_dataset_examples_register(tmp_path: Path) -> None:
         unregister_plugin("guide-register_datasets")
 
 
+def test_guide_refiner_example_works(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from wsss_bench.data.voc import open_split
+    from wsss_bench.evaluation.camfiles import write_cam
+    from wsss_bench.refinement import refine_folder
+    from tests.conftest import write_voc_tree
+
+    _with_plugin("register_refiners")
+    try:
+        root = write_voc_tree(tmp_path / "voc", {"train": ["a"]})
+        ramp = np.tile(np.linspace(0, 1, 40, dtype=np.float32), (32, 1))[None]
+        write_cam(tmp_path / "cams" / "a.npz", np.array([1]), ramp)
+        refine_folder("band", {"low": 0.25, "high": 0.75}, tmp_path / "cams", open_split(root, "train"),
+                      tmp_path / "out", show_progress=False)
+        labels = np.array(Image.open(tmp_path / "out" / "a.png"))
+        assert set(np.unique(labels)) == {0, 2, 255}
+        assert labels[0, 0] == 0 and labels[0, -1] == 2 and labels[0, 20] == 255
+    finally:
+        unregister_plugin("guide-register_refiners")
+
+
 def test_guide_command_example_works(tmp_path: Path) -> None:
     import click
 

@@ -12,10 +12,12 @@ from .components import (
     create_clusterer,
     create_dataset,
     create_method,
+    create_refiner,
     list_backbones,
     list_clusterers,
     list_datasets,
     list_methods,
+    list_refiners,
 )
 from .errors import UserError
 from .hookspecs import hookimpl
@@ -40,6 +42,6 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "__version__", "hookimpl", "UserError", "run", "evaluate", "load_config",
-    "create_backbone", "create_clusterer", "create_dataset", "create_method",
-    "list_backbones", "list_clusterers", "list_datasets", "list_methods",
+    "create_backbone", "create_clusterer", "create_dataset", "create_method", "create_refiner",
+    "list_backbones", "list_clusterers", "list_datasets", "list_methods", "list_refiners",
 ]

@@ -26,6 +26,11 @@ def create_dataset(name: str, **options: Any) -> Any:
     return registry("dataset").create(name, **options)
 
 
+def create_refiner(name: str, **options: Any) -> Any:
+    """Build a refiner by name, e.g. ``create_refiner("affinity-rw", weights="res38_aff.pth")``."""
+    return registry("refiner").create(name, **options)
+
+
 def _listing(kind: str) -> dict[str, str]:
     reg = registry(kind)
     return {name: reg.components[name].help for name in reg.names()}
@@ -49,3 +54,8 @@ def list_methods() -> dict[str, str]:
 def list_datasets() -> dict[str, str]:
     """Registered dataset names with their one-line help."""
     return _listing("dataset")
+
+
+def list_refiners() -> dict[str, str]:
+    """Registered refiner names with their one-line help."""
+    return _listing("refiner")

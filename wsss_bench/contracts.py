@@ -72,8 +72,9 @@ class Backbone(Protocol):
     """A backbone: an ``nn.Module`` whose ``forward(x)`` gives the final map ``[N, C, h, w]``.
 
     Required: ``out_channels`` (C) and ``stride`` (``h = ceil(H / stride)`` up to one pixel:
-    CAM sizes depend on it).  Optional: ``feature_levels`` (name -> :class:`FeatureLevel`),
-    ``load_pretrained(path)``, ``pretrained_source`` (dict naming the weights it loaded) and, on
+    CAM sizes depend on it).  Optional: ``feature_levels`` (name -> :class:`FeatureLevel`)
+    with ``forward_levels(x)`` returning those maps by name (AffinityNet reads three of one
+    stride), ``load_pretrained(path)``, ``pretrained_source`` (dict naming the weights it loaded) and, on
     the factory, ``options_from_state_dict(state_dict) -> dict | None``.
     """
 
@@ -102,6 +103,14 @@ class MethodOutcome(TypedDict, total=False):
     extra: dict[str, Any]
     tables: dict[str, Any]
     summary: dict[str, Any]
+
+
+@runtime_checkable
+class Refiner(Protocol):
+    """``refine(image, cams [n, H, W], keys [n]) -> uint8 [H, W]``: 0 background, ``key + 1``
+    a class, 255 unsure.  Optional: ``to(device)``, ``protocol`` (dict)."""
+
+    def refine(self, image: Any, cams: np.ndarray, keys: np.ndarray) -> np.ndarray: ...
 
 
 @runtime_checkable
@@ -170,6 +179,8 @@ def check_backbone(backbone: Any, component: "Component") -> Any:
                 isinstance(k, str) and isinstance(v, FeatureLevel) and _positive_int(v.channels)
                 and _positive_int(v.stride) for k, v in levels.items()):
             raise violation(component, "`feature_levels` must map names to FeatureLevel(channels, stride)")
+        if not callable(getattr(backbone, "forward_levels", None)):
+            raise violation(component, "the backbone declares `feature_levels` but no forward_levels(x)")
     tag(backbone, component)
     register_hook = getattr(backbone, "register_forward_hook", None)
     if register_hook is not None:
@@ -248,3 +259,24 @@ def check_prepared_root(root: Any, component: "Component") -> Path:
     if not isinstance(root, (str, Path)) or not Path(root).is_dir():
         raise violation(component, f"prepare() must return the path of a folder, got {root!r}")
     return Path(root)
+
+
+def check_refiner_output(labels: Any, size: tuple[int, int], keys: np.ndarray, num_classes: int,
+                         component: Any) -> np.ndarray:
+    """A refiner's label map: uint8 ``[H, W]`` (``size``) holding 0, the image's classes
+    (``keys + 1``) and 255 only; else one error naming the refiner."""
+    if not isinstance(labels, np.ndarray) or labels.dtype != np.uint8 or labels.ndim != 2:
+        got = f"{type(labels).__name__} {getattr(labels, 'dtype', '')} {tuple(getattr(labels, 'shape', ()))}"
+        raise violation(component, f"refine() must return a uint8 [H, W] array, got {got}")
+    if tuple(labels.shape) != tuple(size):
+        raise violation(component, f"refine() returned a {labels.shape[1]}x{labels.shape[0]} map for a "
+                                   f"{size[1]}x{size[0]} image")
+    allowed = np.zeros(256, bool)
+    allowed[[0, 255, *(np.asarray(keys, np.int64) + 1)]] = True
+    found = np.unique(labels)
+    bad = found[~allowed[found]]
+    if bad.size:
+        hint = f" (classes 1..{num_classes})" if int(bad.max()) > num_classes else " (absent from the image's labels)"
+        raise violation(component, f"refine() labelled pixels {bad.tolist()}{hint}; allowed: 0, "
+                                   f"{sorted((np.asarray(keys) + 1).tolist())} and 255")
+    return labels

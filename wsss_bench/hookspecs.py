@@ -34,7 +34,8 @@ def register_backbones(register: Register) -> None:
     (the map CAMs are read from) and that exposes ``out_channels: int`` and ``stride: int``
     (:class:`wsss_bench.contracts.Backbone`; the host checks both, and the first output).
     Optional: ``load_pretrained(path)`` and ``feature_levels`` (name ->
-    :class:`wsss_bench.contracts.FeatureLevel`, for stages that read intermediate maps).  ``options`` may be a
+    :class:`wsss_bench.contracts.FeatureLevel`) with ``forward_levels(x)`` returning those maps,
+    for stages that read intermediate maps (AffinityNet).  ``options`` may be a
     pydantic model class used to validate the factory's keyword arguments.  The factory may
     expose ``options_from_state_dict(state_dict) -> dict | None``: the options that rebuild the
     architecture of a checkpoint's backbone tensors (keys as the module names them), or None
@@ -77,6 +78,18 @@ def register_datasets(register: Register) -> None:
     Call ``register(name, factory, help="one line", options=None)``.  ``factory(**options)``
     returns an object with ``prepare(root: Path | None, cache_dir: Path) -> Path`` giving the
     root of a VOC-layout tree, and ``class_names: list[str] | None``.
+    """
+
+
+@hookspec
+def register_refiners(register: Register) -> None:
+    """Register refiners: CAMs in, pseudo masks out (dense CRF, AffinityNet random walk, ...).
+
+    Call ``register(name, factory, help="one line", options=None)``.  ``factory(**options)``
+    returns an object with ``refine(image: PIL.Image, cams: float [n, H, W], keys: int [n]) ->
+    uint8 [H, W]``: 0 background, ``key + 1`` a class, 255 where the refiner is unsure
+    (:class:`wsss_bench.contracts.Refiner`; the host checks every map).  Optional: ``to(device)``
+    and ``protocol`` (a dict of what a refined row should state, e.g. ``{"crf": "absent"}``).
     """
 
 

@@ -33,6 +33,7 @@ _HOOK_OF_KIND = {
     "clusterer": "register_clusterers",
     "method": "register_methods",
     "dataset": "register_datasets",
+    "refiner": "register_refiners",
 }
 
 

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ValidationError
 
 from .errors import ConfigError, PluginError
 
-KINDS = ("backbone", "clusterer", "method", "dataset")
+KINDS = ("backbone", "clusterer", "method", "dataset", "refiner")
 
 
 @dataclass(frozen=True)
@@ -132,4 +132,6 @@ class Registry:
             raise contracts.violation(component, "the clusterer has no fit_predict(features, k, seed)")
         if self.kind == "dataset" and not callable(getattr(made, "prepare", None)):
             raise contracts.violation(component, "the dataset has no prepare(root, cache_dir)")
+        if self.kind == "refiner" and not callable(getattr(made, "refine", None)):
+            raise contracts.violation(component, "the refiner has no refine(image, cams, keys)")
         return contracts.tag(made, component)

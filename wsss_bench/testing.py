@@ -81,7 +81,7 @@ def parametrize_plugins(kind: str, plugin: Optional[str] = None) -> Callable[[Ca
 def check_component(case: Case) -> None:
     """Run the check of ``case.kind`` on ``case``."""
     checks = {"backbone": check_backbone, "clusterer": check_clusterer, "method": check_method,
-              "dataset": check_dataset}
+              "dataset": check_dataset, "refiner": check_refiner}
     checks[case.kind](case.name, **case.options)
 
 
@@ -137,6 +137,29 @@ def check_clusterer(name: str, **options: Any) -> None:
         first = clustering.fit_predict(algo, features, k, 7, metadata)
         again = clustering.fit_predict(registry("clusterer").create(name, **options), features, k, 7, metadata)
         assert np.array_equal(first, again), f"clusterer {name!r}: seed 7 gave two labelings for k={k}"
+
+
+# -- refiners ------------------------------------------------------------------------------------
+def check_refiner(name: str, **options: Any) -> None:
+    """Label maps of the image's size holding only 0, the image's classes and 255, for an image
+    with two classes and one without any; the same map twice (determinism)."""
+    from PIL import Image
+
+    from .plugins import registry
+
+    rng = np.random.default_rng(0)
+    component = _component("refiner", name)
+    refiner = registry("refiner").create(name, **options)
+    height, width = 37, 53
+    image = Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+    yy, xx = np.mgrid[0:height, 0:width]
+    for keys in (np.array([1, 4]), np.zeros(0, np.int64)):
+        cams = np.stack([np.clip(1 - np.hypot(yy - height * f, xx - width * f) / 25, 0, 1)
+                         for f in (0.3, 0.7)[:len(keys)]]).astype(np.float32) if len(keys) else \
+            np.zeros((0, height, width), np.float32)
+        first = contracts.check_refiner_output(refiner.refine(image, cams, keys), (height, width), keys, 5, component)
+        again = refiner.refine(image, cams, keys)
+        assert np.array_equal(first, again), f"refiner {name!r}: two refinements of one image differ"
 
 
 # -- methods --------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ import click
 
 from ..plugins import get_state, plugin_infos, registry
 
-_KINDS = {"backbones": "backbone", "clusterers": "clusterer", "methods": "method", "datasets": "dataset"}
+_KINDS = {"backbones": "backbone", "clusterers": "clusterer", "methods": "method", "datasets": "dataset",
+          "refiners": "refiner"}
 
 
 @click.command("plugins")

@@ -72,11 +72,11 @@ def cli() -> None:
 
 
 def _register_builtin_commands() -> None:
-    from . import (cmd_bench, cmd_data, cmd_eval, cmd_export, cmd_import, cmd_plugins, cmd_report,
-                   cmd_run, cmd_steps)
+    from . import (cmd_bench, cmd_data, cmd_eval, cmd_export, cmd_import, cmd_plugins, cmd_refine,
+                   cmd_report, cmd_run, cmd_steps)
 
     for module in (cmd_run, cmd_eval, cmd_plugins, cmd_data, cmd_steps, cmd_import, cmd_bench,
-                   cmd_export, cmd_report):
+                   cmd_export, cmd_refine, cmd_report):
         module.register(cli)
 
 

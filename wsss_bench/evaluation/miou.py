@@ -117,8 +117,7 @@ class CamConfusion(Metric):
         if (self.validate_args and labels.numel()
                 and not (0 <= int(labels.min()) and int(labels.max()) < self.num_labels)):
             raise ValueError(f"predicted labels outside 0..{self.num_labels - 1}")
-        bins = torch.full(labels.shape, len(self.thresholds), dtype=torch.int32, device=labels.device)
-        self._add(bins, labels, target)
+        self._add(None, labels, target)   # every pixel in the top bin: above every threshold
 
     def _validate_cams(self, cams: torch.Tensor, keys: torch.Tensor, target: torch.Tensor) -> None:
         if cams.ndim != 3 or not cams.is_floating_point():
@@ -141,7 +140,8 @@ class CamConfusion(Metric):
             self._threshold_tensors[key] = torch.tensor(self._sorted, dtype=dtype).to(device, work)
         return self._threshold_tensors[key]
 
-    def _add(self, bins: torch.Tensor, label: torch.Tensor, target: torch.Tensor) -> None:
+    def _add(self, bins: Optional[torch.Tensor], label: torch.Tensor, target: torch.Tensor) -> None:
+        """Count one image; ``bins`` None puts every pixel in the top bin (a label map)."""
         k, num_bins = self.num_labels, len(self.thresholds) + 1
         rows = k + 1                                  # row k collects the ignored pixels
         gt = target.reshape(-1).to(torch.int32)
@@ -150,17 +150,23 @@ class CamConfusion(Metric):
             outside = (gt >= k) & ~ignored
         else:
             ignored, outside = None, gt >= k
-        if bool((gt < 0).any() | outside.any()):
-            bad = torch.unique(gt[(gt < 0) | outside]).tolist()
+        if target.dtype != torch.uint8:               # unsigned masks (PNGs) cannot be negative
+            outside |= gt < 0
+        if bool(outside.any()):
+            bad = torch.unique(gt[outside]).tolist()
             raise ValueError(f"ground truth holds labels {bad} outside 0..{k - 1} "
                              f"and the ignore label {self.ignore_index}")
         if ignored is not None:
             gt = torch.where(ignored, k, gt)
         # int32 indices halve the memory traffic of bincount's input; wide sweeps fall back.
         wide = num_bins * rows * k >= 2 ** 31
-        index = bins.reshape(-1).to(torch.int64 if wide else torch.int32) * (rows * k)
-        index += gt * k
+        index = gt.to(torch.int64) if wide else gt
+        index = index * k
         index += label.reshape(-1).to(index.dtype)
+        if bins is None:
+            index += (num_bins - 1) * rows * k
+        else:
+            index += bins.reshape(-1).to(index.dtype) * (rows * k)
         counts = torch.bincount(index, minlength=num_bins * rows * k).view(num_bins, rows, k)[:, :k]
         self.histogram += counts.reshape(-1)
         if self._per_image_bin is not None:

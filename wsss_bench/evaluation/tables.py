@@ -21,6 +21,11 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 def protocol_line(row: dict[str, Any]) -> str:
     """One line stating how a number was measured."""
     p = row.get("protocol", {})
+    if p.get("threshold_policy") is None and "ignore_policy" in p:
+        made = "".join(f", {key} `{p[key]}`" for key in ("refiner", "crf") if key in p)
+        return (f"split `{p.get('split')}`, stage `{p.get('stage')}`{made}, label maps with unsure "
+                f"pixels (255) scored as `{p['ignore_policy']}`, coverage {pct(p.get('coverage'))} % of "
+                f"labelled pixels, ignore label {p.get('ignore_index')}, mIoU over {p.get('mean_over')}")
     return (f"split `{p.get('split')}`, stage `{p.get('stage')}`, threshold policy "
             f"`{p.get('threshold_policy')}` (bg = {p.get('threshold')}), ignore label "
             f"{p.get('ignore_index')}, mIoU over {p.get('mean_over')}")
@@ -32,7 +37,8 @@ def results_markdown(results: dict[str, Any]) -> str:
     extra_cols = [c for c in ("round",) if any(c in r for r in rows)]
     policies = [p for p in ("heldout", "oracle") if any(p in r.get("policies", {}) for r in rows)]
     titles = {"heldout": "held-out thr. mIoU (%)", "oracle": "oracle thr. mIoU (%, upper bound)"}
-    header = ["split", *extra_cols, "stage", f"mIoU (%) @ {results.get('threshold', DEFAULT_THRESHOLD)}",
+    at = results.get("threshold", DEFAULT_THRESHOLD)
+    header = ["split", *extra_cols, "stage", "mIoU (%)" if at is None else f"mIoU (%) @ {at}",
               *[titles[p] for p in policies], "images"]
 
     def policy_cell(row: dict[str, Any], name: str) -> str:

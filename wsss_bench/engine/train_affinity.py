@@ -1,0 +1,206 @@
+"""Training AffinityNet on CAMs (PSA's ``train_aff.py``), without a dense CRF.
+
+Labels (PSA's ``infer_cls.py`` + ``ExtractAffinityLabelInRadius``): from a CAM file's maps two
+score stacks ``[(1 - max)^fg_alpha, cams]`` (alpha 4: confident foreground) and
+``[(1 - max)^bg_alpha, cams]`` (alpha 32: confident background) are average-pooled to the
+feature stride and arg-maxed; a pixel is its class where the first stack's winner is a class,
+background where the second's winner is the background, and unsure (255) otherwise.  PSA passes
+each stack through a dense CRF first; here the raw stacks are used (no CRF extra yet), which
+every refined row states (``crf: absent``).
+
+Pairs within ``radius`` on the stride map (:func:`~wsss_bench.engine.random_walk.pair_indices`)
+are background pairs (both background), foreground pairs (the same class) and negative pairs
+(different labels, both sure).  Loss: ``bg/4 + fg/4 + neg/2`` of ``-log(aff)`` and
+``-log(1 - aff)`` averaged over each set, as PSA.  SGD with a poly schedule, the head at ten
+times the backbone's learning rate (PSA's x1 / x10 weight groups; PSA's code passes its weight
+decay as the momentum argument, an accident not reproduced here: momentum is an option).
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ..data.transforms import normalize
+from ..data.voc import IGNORE_INDEX, VOCDataset
+from ..errors import ConfigError
+from .train import TrainingDiverged
+from ..evaluation.camfiles import check_cam_dir, read_cam
+from ..progress import progress_bar
+from .affinity_net import HEAD_NAMES, AffinityNet
+from .random_walk import PairIndex, pair_indices
+
+log = logging.getLogger("wsss_bench")
+
+
+@dataclass
+class AffinityTraining:
+    """Settings of :func:`train_affinity` (defaults scaled to CPU runs; PSA: 8 epochs, crop 448,
+    batch 8, lr 0.1)."""
+
+    epochs: int = 3
+    batch_size: int = 8
+    crop_size: int = 160
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    fg_alpha: float = 4.0
+    bg_alpha: float = 32.0
+    radius: int = 5
+    seed: int = 0
+
+
+def confident_labels(cams: np.ndarray, keys: np.ndarray, stride: int, fg_alpha: float = 4.0,
+                     bg_alpha: float = 32.0) -> np.ndarray:
+    """uint8 labels on the stride map: class ``key + 1``, background 0, unsure 255 (see module)."""
+    maps = torch.as_tensor(np.asarray(cams, np.float32))
+    height, width = maps.shape[1:]
+    best = maps.max(dim=0).values if maps.shape[0] else torch.zeros(height, width)
+    pad = (0, (-width) % stride, 0, (-height) % stride)
+
+    def pooled_winner(alpha: float) -> torch.Tensor:
+        stack = torch.cat([(1.0 - best).clamp_min(0).pow(alpha).unsqueeze(0), maps])
+        return F.avg_pool2d(F.pad(stack, pad).unsqueeze(0), stride, stride)[0].argmax(dim=0)
+
+    fg, bg = pooled_winner(fg_alpha), pooled_winner(bg_alpha)
+    lookup = torch.as_tensor(np.concatenate([[0], np.asarray(keys, np.int64) + 1]))
+    labels = torch.where(fg == 0, torch.full_like(fg, IGNORE_INDEX), lookup[fg])
+    labels = torch.where(bg == 0, torch.zeros_like(labels), labels)
+    return labels.numpy().astype(np.uint8)
+
+
+def pair_label_sets(labels: torch.Tensor, pairs: PairIndex) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Background, foreground and negative pair masks ``[B, P]`` of stride-map labels ``[B, h, w]``."""
+    flat = labels.reshape(labels.shape[0], -1)
+    a, b = flat[:, pairs.source], flat[:, pairs.target]
+    sure = (a != IGNORE_INDEX) & (b != IGNORE_INDEX)
+    same = (a == b) & sure
+    return same & (a == 0), same & (a != 0), ~(a == b) & sure
+
+
+def affinity_loss(features: torch.Tensor, labels: torch.Tensor, pairs: PairIndex) -> torch.Tensor:
+    """PSA's ``bg/4 + fg/4 + neg/2`` for a batch of features ``[B, C, h, w]`` and labels ``[B, h, w]``."""
+    flat = features.reshape(features.shape[0], features.shape[1], -1)
+    source, target = pairs.source.to(flat.device), pairs.target.to(flat.device)
+    aff = torch.exp(-(flat[:, :, target] - flat[:, :, source]).abs().mean(dim=1))   # [B, P]
+    bg, fg, neg = (m.to(aff.dtype) for m in pair_label_sets(labels.to(flat.device), pairs))
+    eps = 1e-5
+    bg_loss = (-bg * torch.log(aff + eps)).sum() / (bg.sum() + eps)
+    fg_loss = (-fg * torch.log(aff + eps)).sum() / (fg.sum() + eps)
+    neg_loss = (-neg * torch.log(1.0 + eps - aff)).sum() / (neg.sum() + eps)
+    return bg_loss / 4 + fg_loss / 4 + neg_loss / 2
+
+
+@dataclass
+class _Sample:
+    image: np.ndarray           # normalised [H, W, 3]
+    cams: np.ndarray            # [n, H, W]
+    keys: np.ndarray
+
+
+def _crop_pair(sample: _Sample, size: int, rng: random.Random) -> tuple[np.ndarray, np.ndarray]:
+    """A random ``size`` crop of image and maps (zero padding: the mean colour, no CAM), flipped
+    half the time."""
+    h, w = sample.image.shape[:2]
+    ch, cw = max(size, h), max(size, w)
+    image = np.zeros((ch, cw, 3), np.float32)
+    maps = np.zeros((sample.cams.shape[0], ch, cw), np.float32)
+    oy, ox = rng.randint(0, ch - h), rng.randint(0, cw - w)
+    image[oy:oy + h, ox:ox + w] = sample.image
+    maps[:, oy:oy + h, ox:ox + w] = sample.cams
+    y, x = rng.randint(0, ch - size), rng.randint(0, cw - size)
+    image, maps = image[y:y + size, x:x + size], maps[:, y:y + size, x:x + size]
+    if rng.random() < 0.5:
+        image, maps = image[:, ::-1], maps[:, :, ::-1]
+    return np.ascontiguousarray(image), np.ascontiguousarray(maps)
+
+
+@dataclass
+class AffinityLog:
+    """What :func:`train_affinity` reports."""
+
+    epoch_losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    pair_counts: dict[str, int] = field(default_factory=dict)
+
+
+def train_affinity(model: AffinityNet, dataset: VOCDataset, cam_dir: Path, settings: AffinityTraining,
+                   device: torch.device, show_progress: bool = False) -> AffinityLog:
+    """Train ``model`` in place on ``dataset``'s images and the CAM files of ``cam_dir``."""
+    cam_dir = Path(cam_dir)
+    check_cam_dir(cam_dir, dataset.ids, dataset.split)
+    samples = []
+    for image_id in dataset.ids:
+        image: Image.Image = dataset.load_image(image_id)
+        keys, cams = read_cam(cam_dir / f"{image_id}.npz", dataset.num_classes, (image.size[1], image.size[0]))
+        samples.append(_Sample(normalize(image), cams, keys))
+    stride = model.stride
+    if settings.crop_size % stride:
+        raise ConfigError(f"affinity crop size {settings.crop_size} is not a multiple of the stride {stride}")
+    pairs = pair_indices(settings.radius, (settings.crop_size // stride, settings.crop_size // stride))
+    if pairs.source.numel() == 0:
+        smallest = (2 * settings.radius - 1) * stride
+        raise ConfigError(f"affinity crop size {settings.crop_size} gives a {settings.crop_size // stride}-pixel "
+                          f"map, too small for pairs within radius {settings.radius}: use at least {smallest}")
+    head = [p for n, p in model.named_parameters() if n.split(".")[0] in (*HEAD_NAMES, "f9")]
+    head_ids = {id(p) for p in head}
+    trunk = [p for p in model.parameters() if id(p) not in head_ids and p.requires_grad]
+    optimizer = torch.optim.SGD([{"params": trunk, "lr": settings.lr}, {"params": head, "lr": 10 * settings.lr}],
+                                lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
+    steps_per_epoch = max(1, len(samples) // settings.batch_size)
+    total = steps_per_epoch * settings.epochs
+    rng = random.Random(settings.seed)
+    torch.manual_seed(settings.seed)
+    model.to(device).train()
+    report = AffinityLog()
+    started = time.perf_counter()
+    step = 0
+    for epoch in range(settings.epochs):
+        order = list(range(len(samples)))
+        rng.shuffle(order)
+        losses = []
+        for index in progress_bar(range(steps_per_epoch), f"train-aff epoch {epoch + 1}", show_progress):
+            batch = [samples[i] for i in order[index * settings.batch_size:(index + 1) * settings.batch_size]]
+            crops = [(*_crop_pair(s, settings.crop_size, rng), s.keys) for s in batch]
+            # contiguous(): conv backward on the permuted (channels-last strided) batch corrupted
+            # the heap with torch 2.14.1 on CPU ("free(): invalid next size").
+            images = torch.from_numpy(np.stack([c[0] for c in crops])).permute(0, 3, 1, 2).contiguous().to(device)
+            labels = torch.from_numpy(np.stack([confident_labels(c[1], c[2], stride, settings.fg_alpha,
+                                                                 settings.bg_alpha) for c in crops]))
+            factor = (1 - step / total) ** 0.9
+            optimizer.param_groups[0]["lr"] = settings.lr * factor
+            optimizer.param_groups[1]["lr"] = 10 * settings.lr * factor
+            loss = affinity_loss(model(images), labels, pairs)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(f"AffinityNet training diverged at epoch {epoch + 1} (loss {loss.item()}); "
+                                    f"lower refine.options.train.lr (now {settings.lr})")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.detach().item())
+            step += 1
+        report.epoch_losses.append(float(np.mean(losses)) if losses else float("nan"))
+        log.info("train-aff epoch %d/%d: loss %.4f", epoch + 1, settings.epochs, report.epoch_losses[-1])
+    report.seconds = time.perf_counter() - started
+    model.eval()
+    return report
+
+
+def label_statistics(dataset: VOCDataset, cam_dir: Path, stride: int, settings: AffinityTraining,
+                     limit: Optional[int] = 64) -> dict[str, Any]:
+    """Share of sure pixels in the confident labels of the first ``limit`` images (diagnostics)."""
+    sure = total = 0
+    for image_id in dataset.ids[:limit]:
+        keys, cams = read_cam(Path(cam_dir) / f"{image_id}.npz", dataset.num_classes)
+        labels = confident_labels(cams, keys, stride, settings.fg_alpha, settings.bg_alpha)
+        sure += int((labels != IGNORE_INDEX).sum())
+        total += labels.size
+    return {"sure_share": sure / total if total else float("nan")}
