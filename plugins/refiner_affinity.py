@@ -30,9 +30,10 @@ from wsss_bench import checkpoints
 from wsss_bench.architecture import backbone_for_checkpoint, backbone_state
 from wsss_bench.components import create_backbone
 from wsss_bench.data.transforms import normalize
-from wsss_bench.engine.affinity_net import HEAD_NAMES, AffinityNet, head_widths_from_state_dict
+from wsss_bench.engine.affinity_net import HEAD_NAMES, AffinityNet, head_widths_from_state_dict, is_affinity_state
 from wsss_bench.engine.train_affinity import AffinityTraining, train_affinity
-from wsss_bench.engine.random_walk import pair_affinity, pair_indices, pool_cams, random_walk, walk_to_labels
+from wsss_bench.engine.random_walk import (pair_affinity, pair_indices, pool_cams, random_walk, walk_to_labels,
+                                           with_background)
 from wsss_bench.errors import ConfigError, WeightsError
 from wsss_bench.hookspecs import hookimpl
 from wsss_bench.io import file_sha256
@@ -132,8 +133,7 @@ class AffinityRandomWalk:
         opts = self.options
         found = checkpoints.read_checkpoint(path)
         state = dict(found["state_dict"])
-        widths = head_widths_from_state_dict(state)
-        if widths is None or "f9.weight" not in state:
+        if not is_affinity_state(state):
             raise WeightsError(f"{path}: no AffinityNet head ({', '.join(HEAD_NAMES)}, f9); a classifier "
                                "checkpoint gives CAMs (wsss cams), not affinities")
         trunk = {k: v for k, v in state.items() if not k.startswith((*HEAD_NAMES, "f9."))}
@@ -141,7 +141,8 @@ class AffinityRandomWalk:
         if not choice.name:
             raise WeightsError(f"{path}: no registered backbone recognises the trunk's keys; name it "
                                "with backbone=NAME")
-        model = AffinityNet(create_backbone(choice.name, **choice.options), widths=widths)
+        model = AffinityNet(create_backbone(choice.name, **choice.options),
+                            widths=head_widths_from_state_dict(state))
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
@@ -171,9 +172,7 @@ class AffinityRandomWalk:
         maps = torch.as_tensor(np.asarray(cams, np.float32), device=self.device)
         if maps.ndim != 3 or tuple(maps.shape[1:]) != (height, width):
             raise ValueError(f"CAMs {tuple(maps.shape)} do not match the {width}x{height} image")
-        best = maps.max(dim=0).values if maps.shape[0] else torch.zeros(height, width, device=self.device)
-        stacked = torch.cat([(1.0 - best).clamp_min(0).pow(opts.alpha).unsqueeze(0), maps])
-        pooled = pool_cams(stacked, stride)
+        pooled = pool_cams(with_background(maps, opts.alpha), stride)
         pixels = torch.from_numpy(normalize(image)).permute(2, 0, 1)
         pad_h, pad_w = (-height) % stride, (-width) % stride
         pixels = torch.nn.functional.pad(pixels, (0, pad_w, 0, pad_h)).unsqueeze(0).to(self.device)

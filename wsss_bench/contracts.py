@@ -167,6 +167,25 @@ def _positive_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > 0
 
 
+#: The method each kind's objects must have, with the signature its error names.
+REQUIRED_METHOD = {
+    "method": ("run", "the method object has no run(ctx)"),
+    "clusterer": ("fit_predict", "the clusterer has no fit_predict(features, k, seed)"),
+    "dataset": ("prepare", "the dataset has no prepare(root, cache_dir)"),
+    "refiner": ("refine", "the refiner has no refine(image, cams, keys)"),
+}
+
+
+def check_created(made: Any, component: "Component") -> Any:
+    """What a factory returned, checked against its kind's contract and tagged with its origin."""
+    if component.kind == "backbone":
+        return check_backbone(made, component)
+    required = REQUIRED_METHOD.get(component.kind)
+    if required is not None and not callable(getattr(made, required[0], None)):
+        raise violation(component, required[1])
+    return tag(made, component)
+
+
 def check_backbone(backbone: Any, component: "Component") -> Any:
     """Check a freshly built backbone's attributes; arm a check of its first output."""
     for attr in ("out_channels", "stride"):

@@ -75,27 +75,29 @@ def _warn(plugin: str, what: str, exc: BaseException) -> None:
                   PluginWarning, stacklevel=3)
 
 
-def _entry_points() -> list[tuple[metadata.EntryPoint, Optional[metadata.Distribution]]]:
+def _entry_points(group: str = ENTRY_POINT_GROUP) -> list[tuple[metadata.EntryPoint, metadata.Distribution, bool]]:
+    """``(entry point, distribution, builtin)`` of ``group`` that should load: not blocked
+    (``WSSS_BENCH_BLOCK_PLUGINS``), and third-party ones only while autoload is on."""
+    autoload = os.environ.get(DISABLE_AUTOLOAD_ENV, "") in ("", "0")
+    blocked = _blocked()
     found = []
     seen: set[tuple[str, str]] = set()
     for dist in metadata.distributions():
+        builtin = (dist.metadata["Name"] or "").lower().replace("_", "-") == OWN_DISTRIBUTION
         for ep in dist.entry_points:
-            if ep.group != ENTRY_POINT_GROUP or (ep.name, ep.value) in seen:
+            if ep.group != group or (ep.name, ep.value) in seen:
                 continue
             seen.add((ep.name, ep.value))
-            found.append((ep, dist))
+            if ep.name in blocked or (not builtin and not autoload):
+                continue
+            found.append((ep, dist, builtin))
     return found
 
 
 def _load_entry_points(pm: pluggy.PluginManager, infos: dict[str, PluginInfo],
                        failures: dict[str, str]) -> None:
-    autoload = os.environ.get(DISABLE_AUTOLOAD_ENV, "") in ("", "0")
-    blocked = _blocked()
-    for ep, dist in _entry_points():
-        dist_name = dist.metadata["Name"] if dist is not None else None
-        builtin = dist_name is not None and dist_name.lower().replace("_", "-") == OWN_DISTRIBUTION
-        if ep.name in blocked or (not builtin and not autoload):
-            continue
+    for ep, dist, builtin in _entry_points():
+        dist_name = dist.metadata["Name"]
         if pm.has_plugin(ep.name):
             continue
         try:
@@ -105,7 +107,7 @@ def _load_entry_points(pm: pluggy.PluginManager, infos: dict[str, PluginInfo],
             failures[ep.name] = f"{type(exc).__name__}: {exc}"
             _warn(ep.name, "failed to load", exc)
             continue
-        infos[ep.name] = PluginInfo(ep.name, dist_name, dist.version if dist else None, builtin)
+        infos[ep.name] = PluginInfo(ep.name, dist_name, dist.version, builtin)
 
 
 def _collect(pm: pluggy.PluginManager, infos: dict[str, PluginInfo],
@@ -192,21 +194,14 @@ def plugin_infos() -> list[PluginInfo]:
 COMMANDS_GROUP = f"{ENTRY_POINT_GROUP}.commands"
 
 
-def _declared_command_modules() -> list[tuple[str, Any, bool]]:
-    """``(name, module, builtin)`` of the ``wsss_bench.commands`` entry points, loaded."""
-    autoload = os.environ.get(DISABLE_AUTOLOAD_ENV, "") in ("", "0")
-    blocked = _blocked()
+def _declared_command_modules() -> list[tuple[str, Any]]:
+    """``(name, module)`` of the ``wsss_bench.commands`` entry points, loaded."""
     found = []
-    for dist in metadata.distributions():
-        dist_name = dist.metadata["Name"] or ""
-        builtin = dist_name.lower().replace("_", "-") == OWN_DISTRIBUTION
-        for ep in dist.entry_points:
-            if ep.group != COMMANDS_GROUP or ep.name in blocked or (not builtin and not autoload):
-                continue
-            try:
-                found.append((ep.name, ep.load(), builtin))
-            except Exception as exc:
-                _warn(ep.name, "failed to load its commands", exc)
+    for ep, _, _ in _entry_points(COMMANDS_GROUP):
+        try:
+            found.append((ep.name, ep.load()))
+        except Exception as exc:
+            _warn(ep.name, "failed to load its commands", exc)
     return found
 
 
@@ -214,7 +209,7 @@ def add_declared_commands(cli: Any) -> set[int]:
     """Add the commands of the ``wsss_bench.commands`` modules (no plugin manager, no torch);
     returns the ids of those modules (their pluggy ``register_commands`` is then skipped)."""
     done: set[int] = set()
-    for name, module, _ in _declared_command_modules():
+    for name, module in _declared_command_modules():
         if id(module) in done:
             continue
         done.add(id(module))
@@ -232,14 +227,7 @@ def undeclared_command_plugins_possible() -> bool:
     """Whether a plugin outside ``wsss_bench.commands`` might add commands: any third-party entry
     point of the ``wsss_bench`` group, or an in-process plugin.  The built-in plugins declare
     all of theirs, so a plain install answers False and ``wsss --help`` imports no plugin."""
-    if _extra_plugins:
-        return True
-    autoload = os.environ.get(DISABLE_AUTOLOAD_ENV, "") in ("", "0")
-    for ep, dist in _entry_points():
-        dist_name = (dist.metadata["Name"] or "") if dist is not None else ""
-        if dist_name.lower().replace("_", "-") != OWN_DISTRIBUTION and autoload and ep.name not in _blocked():
-            return True
-    return False
+    return bool(_extra_plugins) or any(not builtin for _, _, builtin in _entry_points())
 
 
 def add_plugin_commands(cli: Any, skip_modules: set[int] = frozenset()) -> None:  # type: ignore[assignment]

@@ -27,8 +27,9 @@ def refine_folder(name: str, options: dict[str, Any], cam_dir: Path, dataset: VO
     returns ``{"refiner", "options", "protocol", "split", "images", "cams"}``."""
     cam_dir, out_dir = Path(cam_dir), Path(out_dir)
     check_cam_dir(cam_dir, dataset.ids, dataset.split)   # before the refiner loads its weights
-    component = registry("refiner").check().get(name)
-    refiner = registry("refiner").create(name, **options)
+    component = registry("refiner").get(name)
+    validated = component.validate_options(options)
+    refiner = registry("refiner").create(name, **validated)
     if callable(getattr(refiner, "to", None)):
         refiner.to(device)
     for image_id in progress_bar(dataset.ids, f"refine {dataset.split}", show_progress):
@@ -40,5 +41,5 @@ def refine_folder(name: str, options: dict[str, Any], cam_dir: Path, dataset: VO
         io.write_bytes(out_dir / f"{image_id}.png", palette_png_bytes(labels))
     protocol = dict(getattr(refiner, "protocol", None) or {})
     protocol.setdefault("refiner", name)
-    return {"refiner": name, "options": component.validate_options(options), "protocol": protocol,
+    return {"refiner": name, "options": validated, "protocol": protocol,
             "split": dataset.split, "images": len(dataset.ids), "cams": str(cam_dir)}

@@ -123,15 +123,4 @@ class Registry:
         component = self.get(name)
         if name != component.name:
             options = {"variant": name.split(":", 1)[1], **options}
-        made = component.create(**options)
-        if self.kind == "backbone":
-            return contracts.check_backbone(made, component)
-        if self.kind == "method" and not callable(getattr(made, "run", None)):
-            raise contracts.violation(component, "the method object has no run(ctx)")
-        if self.kind == "clusterer" and not callable(getattr(made, "fit_predict", None)):
-            raise contracts.violation(component, "the clusterer has no fit_predict(features, k, seed)")
-        if self.kind == "dataset" and not callable(getattr(made, "prepare", None)):
-            raise contracts.violation(component, "the dataset has no prepare(root, cache_dir)")
-        if self.kind == "refiner" and not callable(getattr(made, "refine", None)):
-            raise contracts.violation(component, "the refiner has no refine(image, cams, keys)")
-        return contracts.tag(made, component)
+        return contracts.check_created(component.create(**options), component)

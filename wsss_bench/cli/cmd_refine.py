@@ -104,7 +104,7 @@ def train_aff_command(refiner: Optional[str], cam_dir: Path, data_root: Path, sp
         options["init_weights"] = str(init_weights)
     dataset = open_split(data_root, split, labels_file).subset(max_images)
     check_cam_dir(cam_dir, dataset.ids, dataset.split)
-    made = registry("refiner").check().create(name, **options)
+    made = registry("refiner").create(name, **options)
     if not callable(getattr(made, "fit", None)):
         raise ConfigError(f"refiner {name!r} has no fit(): it needs no training")
     dev = resolve_device(device)

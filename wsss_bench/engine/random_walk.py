@@ -77,20 +77,27 @@ def pair_indices(radius: int, size: tuple[int, int]) -> PairIndex:
 
 def pair_affinity(features: torch.Tensor, pairs: PairIndex) -> torch.Tensor:
     """``[P]`` affinities ``exp(-mean_c |f_source - f_target|)`` of one image's ``[C, h, w]`` map."""
-    if features.ndim != 3 or tuple(features.shape[1:]) != (pairs.height, pairs.width):
+    if features.ndim != 3:
+        raise ValueError(f"features {tuple(features.shape)} are not one [C, h, w] map")
+    return batch_pair_affinity(features.unsqueeze(0), pairs)[0]
+
+
+def batch_pair_affinity(features: torch.Tensor, pairs: PairIndex) -> torch.Tensor:
+    """``[B, P]`` pair affinities of a batch of ``[B, C, h, w]`` maps (differentiable)."""
+    if features.ndim != 4 or tuple(features.shape[2:]) != (pairs.height, pairs.width):
         raise ValueError(f"features {tuple(features.shape)} do not match pairs on a "
                          f"{pairs.height}x{pairs.width} map")
-    flat = features.reshape(features.shape[0], -1)
+    flat = features.reshape(features.shape[0], features.shape[1], -1)
     if pairs.source.numel() == 0:
-        return flat.new_zeros(0)
-    # Offset by offset: the [C, P] difference of all pairs at once is the memory peak otherwise.
+        return flat.new_zeros(features.shape[0], 0)
+    # Offset by offset: the [B, C, P] difference of all pairs at once is the memory peak otherwise.
     per_offset = pairs.source.numel() // pairs.num_offsets
     out = []
     for k in range(pairs.num_offsets):
         part = slice(k * per_offset, (k + 1) * per_offset)
-        diff = flat[:, pairs.target[part].to(flat.device)] - flat[:, pairs.source[part].to(flat.device)]
-        out.append(torch.exp(-diff.abs().mean(dim=0)))
-    return torch.cat(out)
+        diff = flat[:, :, pairs.target[part].to(flat.device)] - flat[:, :, pairs.source[part].to(flat.device)]
+        out.append(torch.exp(-diff.abs().mean(dim=1)))
+    return torch.cat(out, dim=1)
 
 
 def _symmetric_entries(affinity: torch.Tensor, pairs: PairIndex, beta: float
@@ -150,6 +157,13 @@ def dense_random_walk(cams: torch.Tensor, affinity: torch.Tensor, pairs: PairInd
         trans = trans @ trans
     walked = cams.reshape(cams.shape[0], n).to(torch.float64) @ trans
     return walked.reshape(cams.shape)
+
+
+def with_background(cams: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``[1 + n, H, W]``: the background map ``(1 - max)^alpha`` before the ``[n, H, W]`` CAMs
+    (PSA; with no CAM the background is 1 everywhere)."""
+    best = cams.max(dim=0).values if cams.shape[0] else cams.new_zeros(cams.shape[1:])
+    return torch.cat([(1.0 - best).clamp_min(0).pow(alpha).unsqueeze(0), cams])
 
 
 def pool_cams(cams: torch.Tensor, stride: int) -> torch.Tensor:

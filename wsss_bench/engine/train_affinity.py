@@ -22,21 +22,19 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from ..data.transforms import normalize
 from ..data.voc import IGNORE_INDEX, VOCDataset
 from ..errors import ConfigError
-from .train import TrainingDiverged
 from ..evaluation.camfiles import check_cam_dir, read_cam
 from ..progress import progress_bar
 from .affinity_net import HEAD_NAMES, AffinityNet
-from .random_walk import PairIndex, pair_indices
+from .random_walk import PairIndex, batch_pair_affinity, pair_indices, pool_cams, with_background
+from .train import TrainingDiverged
 
 log = logging.getLogger("wsss_bench")
 
@@ -62,15 +60,7 @@ def confident_labels(cams: np.ndarray, keys: np.ndarray, stride: int, fg_alpha: 
                      bg_alpha: float = 32.0) -> np.ndarray:
     """uint8 labels on the stride map: class ``key + 1``, background 0, unsure 255 (see module)."""
     maps = torch.as_tensor(np.asarray(cams, np.float32))
-    height, width = maps.shape[1:]
-    best = maps.max(dim=0).values if maps.shape[0] else torch.zeros(height, width)
-    pad = (0, (-width) % stride, 0, (-height) % stride)
-
-    def pooled_winner(alpha: float) -> torch.Tensor:
-        stack = torch.cat([(1.0 - best).clamp_min(0).pow(alpha).unsqueeze(0), maps])
-        return F.avg_pool2d(F.pad(stack, pad).unsqueeze(0), stride, stride)[0].argmax(dim=0)
-
-    fg, bg = pooled_winner(fg_alpha), pooled_winner(bg_alpha)
+    fg, bg = (pool_cams(with_background(maps, alpha), stride).argmax(dim=0) for alpha in (fg_alpha, bg_alpha))
     lookup = torch.as_tensor(np.concatenate([[0], np.asarray(keys, np.int64) + 1]))
     labels = torch.where(fg == 0, torch.full_like(fg, IGNORE_INDEX), lookup[fg])
     labels = torch.where(bg == 0, torch.zeros_like(labels), labels)
@@ -88,10 +78,8 @@ def pair_label_sets(labels: torch.Tensor, pairs: PairIndex) -> tuple[torch.Tenso
 
 def affinity_loss(features: torch.Tensor, labels: torch.Tensor, pairs: PairIndex) -> torch.Tensor:
     """PSA's ``bg/4 + fg/4 + neg/2`` for a batch of features ``[B, C, h, w]`` and labels ``[B, h, w]``."""
-    flat = features.reshape(features.shape[0], features.shape[1], -1)
-    source, target = pairs.source.to(flat.device), pairs.target.to(flat.device)
-    aff = torch.exp(-(flat[:, :, target] - flat[:, :, source]).abs().mean(dim=1))   # [B, P]
-    bg, fg, neg = (m.to(aff.dtype) for m in pair_label_sets(labels.to(flat.device), pairs))
+    aff = batch_pair_affinity(features, pairs)                                      # [B, P]
+    bg, fg, neg = (m.to(aff.dtype) for m in pair_label_sets(labels.to(aff.device), pairs))
     eps = 1e-5
     bg_loss = (-bg * torch.log(aff + eps)).sum() / (bg.sum() + eps)
     fg_loss = (-fg * torch.log(aff + eps)).sum() / (fg.sum() + eps)
@@ -129,7 +117,6 @@ class AffinityLog:
 
     epoch_losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
-    pair_counts: dict[str, int] = field(default_factory=dict)
 
 
 def train_affinity(model: AffinityNet, dataset: VOCDataset, cam_dir: Path, settings: AffinityTraining,
@@ -192,15 +179,3 @@ def train_affinity(model: AffinityNet, dataset: VOCDataset, cam_dir: Path, setti
     report.seconds = time.perf_counter() - started
     model.eval()
     return report
-
-
-def label_statistics(dataset: VOCDataset, cam_dir: Path, stride: int, settings: AffinityTraining,
-                     limit: Optional[int] = 64) -> dict[str, Any]:
-    """Share of sure pixels in the confident labels of the first ``limit`` images (diagnostics)."""
-    sure = total = 0
-    for image_id in dataset.ids[:limit]:
-        keys, cams = read_cam(Path(cam_dir) / f"{image_id}.npz", dataset.num_classes)
-        labels = confident_labels(cams, keys, stride, settings.fg_alpha, settings.bg_alpha)
-        sure += int((labels != IGNORE_INDEX).sum())
-        total += labels.size
-    return {"sure_share": sure / total if total else float("nan")}

@@ -218,6 +218,7 @@ class ConfusionAccumulator:
                  keep_per_update: bool = False) -> None:
         self.num_classes = num_classes + 1
         self.device = torch.device(device)
+        self._keep_per_update = keep_per_update
         # validate_args=False: the label range check is a pass over every pixel, and our own
         # predictions are in range by construction.  sync_on_compute=False: under torchrun one
         # process scores a whole split; torchmetrics would otherwise wait for the others.
@@ -241,7 +242,7 @@ class ConfusionAccumulator:
 
         Only with ``keep_per_update=True``; ``per_update().sum(0)`` equals :meth:`compute`.
         """
-        if self.metric._per_image_bin is None:
+        if not self._keep_per_update:
             raise RuntimeError("ConfusionAccumulator(keep_per_update=True) keeps per-update confusions")
         return self.metric.per_image_confusions().cpu().numpy().astype(np.int64)
 
@@ -288,12 +289,7 @@ def cams_to_labels(keys: np.ndarray | torch.Tensor, cams: torch.Tensor, threshol
     ``keys[i] + 1`` where map i wins.  Ties go to the background, as in ``np.argmax`` over
     ``[bg, cams...]``.
     """
-    keys_t = torch.as_tensor(np.asarray(keys) if not isinstance(keys, torch.Tensor) else keys,
-                             dtype=torch.long, device=cams.device)
-    if cams.shape[0] == 0:
-        return torch.zeros(cams.shape[1:], dtype=torch.long, device=cams.device)
-    best, index = cams.max(dim=0)
-    labels = keys_t[index] + 1
+    best, labels = best_and_label(keys, cams)   # no maps: best is -inf, all background
     return torch.where(best > threshold, labels, torch.zeros_like(labels))
 
 

@@ -34,6 +34,7 @@ class SplitScores:
     per_image_threshold: Optional[float] = None
     #: CAM file name -> SHA-256 of the bytes that were scored.
     digests: dict[str, str] = field(default_factory=dict, repr=False)
+    _curves: dict[tuple[float, ...], list[tuple[float, float]]] = field(default_factory=dict, repr=False)
 
     @property
     def split(self) -> str:
@@ -57,8 +58,21 @@ class SplitScores:
         return float(scores_from_confusion(self.confusion(threshold))["miou"])
 
     def curve(self, grid: Sequence[float]) -> list[tuple[float, float]]:
-        """``(threshold, mIoU)`` over ``grid``, sorted by threshold."""
-        return sorted(((float(t), self.miou(t)) for t in grid), key=lambda p: p[0])
+        """``(threshold, mIoU)`` over ``grid``, sorted by threshold (computed once per grid:
+        every policy report of a split reads the same curve)."""
+        key = tuple(float(t) for t in grid)
+        if key not in self._curves:
+            self._curves[key] = miou_curve(key, np.stack([self.confusion(t) for t in key]))
+        return self._curves[key]
+
+
+def miou_curve(thresholds: Sequence[float], confusions: np.ndarray) -> list[tuple[float, float]]:
+    """``(threshold, mIoU)`` pairs, sorted by threshold, from confusions ``[T, K, K]`` at
+    ``thresholds`` (e.g. :func:`~wsss_bench.evaluation.thresholds.sweep_confusions`' output)."""
+    if len(thresholds) != len(confusions):
+        raise ValueError(f"{len(thresholds)} thresholds but {len(confusions)} confusion matrices")
+    pairs = [(float(t), float(scores_from_confusion(c)["miou"])) for t, c in zip(thresholds, confusions)]
+    return sorted(pairs, key=lambda p: p[0])
 
 
 def score_split(cam_dir: Path, dataset: VOCDataset, thresholds: Sequence[float], *,

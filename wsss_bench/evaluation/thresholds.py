@@ -38,7 +38,7 @@ from ..errors import ConfigError, UserError
 from . import DEFAULT_THRESHOLD
 from .evaluate import EvalResult
 from .miou import class_table, scores_from_confusion
-from .scoring import SplitScores, score_split
+from .scoring import SplitScores, miou_curve, score_split  # noqa: F401 (miou_curve: public here)
 
 Curve = list[tuple[float, float]]
 """An mIoU-versus-threshold curve: ``(threshold, miou)`` pairs sorted by threshold."""
@@ -77,19 +77,8 @@ def sweep_confusions(cam_dir: Path, dataset: VOCDataset, thresholds: Sequence[fl
     (:func:`~wsss_bench.evaluation.scoring.score_split`, counted by
     :class:`~wsss_bench.evaluation.miou.CamConfusion`).
     """
-    values = [float(t) for t in thresholds]
-    if any(not math.isfinite(t) for t in values):
-        raise ConfigError(f"thresholds must be finite, got {values}")
-    return score_split(cam_dir, dataset, values, device=device, show_progress=show_progress,
+    return score_split(cam_dir, dataset, thresholds, device=device, show_progress=show_progress,
                        label="sweep").confusions
-
-
-def miou_curve(thresholds: Sequence[float], confusions: np.ndarray) -> Curve:
-    """``(threshold, mIoU)`` pairs, sorted by threshold, from a :func:`sweep_confusions` output."""
-    if len(thresholds) != len(confusions):
-        raise ValueError(f"{len(thresholds)} thresholds but {len(confusions)} confusion matrices")
-    pairs = [(float(t), float(scores_from_confusion(c)["miou"])) for t, c in zip(thresholds, confusions)]
-    return sorted(pairs, key=lambda p: p[0])
 
 
 def best_threshold(curve: Curve) -> float:
