@@ -38,6 +38,7 @@ from torch import nn
 
 from wsss_bench.errors import WeightsError
 from wsss_bench.io import file_sha256
+from wsss_bench.contracts import FeatureLevel
 from wsss_bench.hookspecs import hookimpl
 
 __all__ = ["EfficientNetLite", "EfficientNetLiteOptions", "build_imagenet_classifier",
@@ -180,6 +181,15 @@ class EfficientNetLite(nn.Module):
         # Buffers that are not saved: they are constants of the weights' input convention.
         self.register_buffer("input_scale", scale, persistent=False)
         self.register_buffer("input_shift", shift, persistent=False)
+        #: Three maps of one stride for AffinityNet (:meth:`forward_levels`): the ends of stages 5
+        #: and 7 and the ``conv_head`` map.  Declared only where they share a stride (output
+        #: stride 8 or 16; at 32 stage 5 stays at 16).
+        reductions = {f["module"]: (int(f["num_chs"]), int(f["reduction"])) for f in net.feature_info}
+        levels = {"block4": reductions.get("blocks.4"), "block6": reductions.get("blocks.6"),
+                  "head": (self.out_channels, self.stride)}
+        self.feature_levels = ({name: FeatureLevel(ch, st) for name, (ch, st) in levels.items()}  # type: ignore[misc]
+                               if None not in levels.values() and len({st for _, st in levels.values()}) == 1  # type: ignore[misc]
+                               else {})
         if freeze_stem:
             for module in (net.conv_stem, net.bn1, net.blocks[0]):
                 for p in module.parameters():
@@ -206,10 +216,30 @@ class EfficientNetLite(nn.Module):
                 return {"variant": variant}
         return None
 
+    def _to_weights_convention(self, x: torch.Tensor) -> torch.Tensor:
+        # The constants follow the input (AffinityNet moves this trunk's submodules only).
+        return x * self.input_scale.to(x) + self.input_shift.to(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The ``conv_head`` map ``[N, 1280, ceil(H/stride), ceil(W/stride)]`` of an ImageNet-normalised batch."""
-        x = x * self.input_scale.to(x.dtype) + self.input_shift.to(x.dtype)
-        return self.body.forward_features(x)
+        return self.body.forward_features(self._to_weights_convention(x))
+
+    def forward_levels(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The :attr:`feature_levels` maps by name (timm's ``forward_features``, kept at the
+        ends of stages 5 and 7)."""
+        if not self.feature_levels:
+            raise ValueError(f"EfficientNet-Lite at output stride {self.stride} declares no feature levels "
+                             "(use output_stride 8 or 16)")
+        body = self.body
+        x = body.bn1(body.conv_stem(self._to_weights_convention(x)))
+        maps: dict[str, torch.Tensor] = {}
+        for index, block in enumerate(body.blocks):
+            x = block(x)
+            if index == 4:
+                maps["block4"] = x
+        maps["block6"] = x
+        maps["head"] = body.bn2(body.conv_head(x))
+        return maps
 
     def train(self, mode: bool = True) -> "EfficientNetLite":
         super().train(mode)

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from wsss_bench.errors import ConfigError, WeightsError
+from wsss_bench.contracts import FeatureLevel
 from wsss_bench.hookspecs import hookimpl
 
 
@@ -57,10 +58,21 @@ class TimmBackbone(nn.Module):
         self.stride = int(info.reduction()[-1])
         self.variant = variant
         self.freeze_bn = freeze_bn
+        #: The last three feature maps when they share one stride (dilated models, e.g.
+        #: ``output_stride=8`` on a ResNet): what AffinityNet reads (:meth:`forward_levels`).
+        last = list(zip(info.module_name(), info.channels(), info.reduction()))[-3:]
+        self.feature_levels = ({name: FeatureLevel(int(ch), int(st)) for name, ch, st in last}
+                               if len(last) == 3 and len({st for _, _, st in last}) == 1 else {})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The deepest feature map ``[N, out_channels, H/stride, W/stride]``."""
         return self.body(x)[-1]
+
+    def forward_levels(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The :attr:`feature_levels` maps by name (empty when none are declared)."""
+        maps = self.body(x)
+        names = list(self.feature_levels)
+        return dict(zip(names, maps[-len(names):])) if names else {}
 
     def train(self, mode: bool = True) -> "TimmBackbone":
         super().train(mode)

@@ -11,7 +11,8 @@ no uncertain (255) pixels.
 Weights: ``weights=FILE``, PSA's released ``res38_aff.pth`` (loaded strictly, keys as they are)
 or an AffinityNet checkpoint of ours; the backbone and its width are read off the file (or
 named with ``backbone`` / ``backbone_options``).  Or :meth:`AffinityRandomWalk.fit` trains one on
-a split's CAMs (``wsss train-aff``; :mod:`wsss_bench.engine.train_affinity`, no CRF), its
+a split's CAMs (``wsss train-aff``; :mod:`wsss_bench.engine.train_affinity`: confident labels
+through PSA's dense CRF when the ``[crf]`` extra is installed, ``train.crf``), its
 backbone initialised from a classifier checkpoint (``init_weights``) when given.  Without
 weights or training the refiner refuses to run, unless ``allow_untrained`` (random head:
 conformance checks only).
@@ -19,12 +20,12 @@ conformance checks only).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import numpy as np
 import torch
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from wsss_bench import checkpoints
 from wsss_bench.architecture import backbone_for_checkpoint, backbone_state
@@ -52,7 +53,8 @@ class AffinityOptions(BaseModel):
     logt: int = Field(8, ge=0, le=12, description="the walk takes 2^logt steps")
     radius: int = Field(5, ge=2, le=12, description="pairs within this radius on the feature map")
     allow_untrained: bool = Field(False, description="run with a random head (checks only)")
-    init_weights: Optional[str] = Field(None, description="fit(): backbone from this classifier checkpoint")
+    init_weights: Optional[str] = Field(None, description="fit(): backbone from this classifier checkpoint "
+                                        "or ImageNet .params (PSA)")
     train: "AffinityTrainOptions" = Field(default_factory=lambda: AffinityTrainOptions(),
                                           description="fit() settings")
 
@@ -71,6 +73,14 @@ class AffinityTrainOptions(BaseModel):
     fg_alpha: float = Field(4.0, gt=0, description="confident foreground: (1 - max)^fg_alpha loses")
     bg_alpha: float = Field(32.0, gt=0, description="confident background: (1 - max)^bg_alpha wins")
     seed: int = Field(0, ge=0)
+    crf: Literal["auto", "on", "off"] = Field("auto", description="labels through PSA's dense CRF: auto = when "
+                                              "the [crf] extra is installed, on = required, off = never")
+
+    @field_validator("crf", mode="before")
+    @classmethod
+    def _yaml_switch(cls, value: Any) -> Any:
+        # YAML reads a bare `on` / `off` (`--set refine.options.train.crf=off`) as a boolean.
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 
 AffinityOptions.model_rebuild()
@@ -96,7 +106,8 @@ class AffinityRandomWalk:
         opts = self.options
         name, options = opts.backbone, dict(opts.backbone_options)
         state = None
-        if opts.init_weights is not None:
+        imagenet = opts.init_weights is not None and Path(opts.init_weights).suffix.lower() == ".params"
+        if opts.init_weights is not None and not imagenet:
             found = checkpoints.read_checkpoint(Path(opts.init_weights))
             state = backbone_state(found["state_dict"])
             choice = backbone_for_checkpoint(found["state_dict"], found["meta"], name or "", options)
@@ -108,6 +119,13 @@ class AffinityRandomWalk:
         backbone = create_backbone(name, **options)
         if state is not None:
             backbone.load_state_dict(state, strict=True)
+            self.protocol["init_weights"] = str(opts.init_weights)
+        elif imagenet:
+            # PSA's train_aff.py starts from the ImageNet MXNet weights, as the classifier does.
+            loader = getattr(backbone, "load_pretrained", None)
+            if loader is None:
+                raise WeightsError(f"{opts.init_weights}: backbone {name!r} cannot read MXNet weights")
+            loader(Path(opts.init_weights))
             self.protocol["init_weights"] = str(opts.init_weights)
         return AffinityNet(backbone).eval()
 
@@ -122,8 +140,8 @@ class AffinityRandomWalk:
         checkpoints.save_checkpoint(Path(out_file), model, {
             "kind": "affinity", "backbone": self.protocol["backbone"], "losses": report.epoch_losses,
             "train": opts.train.model_dump(), "cams": str(cam_dir), "split": dataset.split,
-            "crf": "absent"})
-        self.protocol.update(weights=str(out_file), weights_sha256=file_sha256(Path(out_file)),
+            "crf": report.crf})
+        self.protocol.update(crf=report.crf, weights=str(out_file), weights_sha256=file_sha256(Path(out_file)),
                              train_seconds=round(report.seconds, 2), train_losses=report.epoch_losses)
         self.model = model.to(self.device).eval()
         return Path(out_file)
@@ -149,9 +167,25 @@ class AffinityRandomWalk:
             first = str(exc).splitlines()[0]
             raise WeightsError(f"{path}: does not fit AffinityNet on {choice.name} {choice.options} "
                                f"({first})") from None
+        # `crf`: whether a CRF went into these masks here (the walk uses none; our own files say
+        # whether their training labels went through one).  PSA's released file has no metadata:
+        # how it was trained (PSA: on CRF labels) is the file's business, stated as unknown.
+        meta = found["meta"] or {}
         self.protocol.update(weights=str(path), weights_sha256=file_sha256(path),
-                             backbone={"name": choice.name, "options": choice.options})
+                             backbone={"name": choice.name, "options": choice.options},
+                             crf=meta.get("crf", "absent"))
+        if not meta:
+            self.protocol["weights_training_crf"] = "unknown (no metadata)"
         return model.to(self.device).eval()
+
+    @property
+    def needs_fit(self) -> bool:
+        """Whether :meth:`fit` must run before :meth:`refine` (no weights, no untrained head)."""
+        return self.model is None
+
+    def load_fitted(self, path: Path) -> None:
+        """Use the AffinityNet a previous :meth:`fit` saved to ``path`` (a cached stage)."""
+        self.model = self.load(Path(path))
 
     def to(self, device: torch.device | str) -> "AffinityRandomWalk":
         """Run on ``device``."""

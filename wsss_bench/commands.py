@@ -33,6 +33,8 @@ def config_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--device", help="auto (default), cpu, cuda or cuda:N."),
         click.option("--seed", type=int, help="Seed for python, numpy, torch and the clusterer."),
         click.option("--quiet", is_flag=True, default=False, help="No progress bars, logs only."),
+        click.option("--stages", metavar="LIST",
+                     help="Pipeline stages, comma-separated: cam (default), cam,refine or cam,refine,segment."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -42,7 +44,7 @@ def config_options(func: Callable[..., Any]) -> Callable[..., Any]:
 def resolve_config(preset: Optional[str], config_file: Any, sets: tuple[str, ...],
                    method: Optional[str], backbone: Optional[str], dataset: Optional[str],
                    data_root: Optional[Path], device: Optional[str], seed: Optional[int],
-                   quiet: bool, **_: Any) -> RunConfig:
+                   quiet: bool, stages: Optional[str] = None, **_: Any) -> RunConfig:
     """Layer the command-line flags between the config file and ``--set``."""
     if isinstance(config_file, (tuple, list)):
         if len(config_file) > 1:
@@ -67,4 +69,6 @@ def resolve_config(preset: Optional[str], config_file: Any, sets: tuple[str, ...
         flags["seed"] = seed
     if quiet:
         flags["quiet"] = True
+    if stages:
+        flags["stages"] = [part.strip() for part in stages.split(",") if part.strip()]
     return load_config(preset, config_file, [flags], list(sets))

@@ -122,6 +122,30 @@ class EvalConfig(Strict):
     curves: bool = True
 
 
+#: The stages a run can have, in pipeline order: CAMs (always), refinement of the final CAMs into
+#: pseudo masks, a segmentation network trained on the training split's pseudo masks.
+STAGES = ("cam", "refine", "segment")
+StageName = Literal["cam", "refine", "segment"]
+
+
+class RefineConfig(ComponentConfig):
+    """The ``refine`` stage: a refiner plugin (``wsss list refiners``) and how its masks are scored."""
+
+    name: str = "affinity-rw"
+    #: Unsure (255) pixels of a pseudo mask: counted as ``background`` or left out (``ignore``,
+    #: which inflates mIoU; coverage is stated beside it either way).
+    ignore_policy: Literal["background", "ignore"] = "background"
+
+
+class SegmentConfig(Strict):
+    """The ``segment`` stage: DeepLab (ASPP head) on a backbone plugin, trained on pseudo masks."""
+
+    #: ``null``: the run's own backbone (name and options).
+    backbone: Optional[ComponentConfig] = None
+    #: Training and inference settings (:class:`wsss_bench.engine.segmentation.SegmentOptions`).
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
 class RunConfig(Strict):
     """Everything one ``wsss run`` needs."""
 
@@ -136,6 +160,20 @@ class RunConfig(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     cams: CamConfig = Field(default_factory=CamConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    #: Which stages run: ``[cam]``, ``[cam, refine]``, ``[cam, refine, segment]`` (or
+    #: ``[cam, segment]``: segmentation on the CAMs' own pseudo masks at ``eval.threshold``).
+    stages: list[StageName] = Field(default_factory=lambda: ["cam"])
+    refine: RefineConfig = Field(default_factory=RefineConfig)
+    segment: SegmentConfig = Field(default_factory=SegmentConfig)
+
+    @field_validator("stages")
+    @classmethod
+    def _pipeline_order(cls, value: list[str]) -> list[str]:
+        if not value or value[0] != "cam" or len(set(value)) != len(value) or \
+                value != sorted(value, key=STAGES.index):
+            raise ValueError(f"must start with cam and follow the order {list(STAGES)} without repeats, "
+                             "e.g. [cam], [cam, refine] or [cam, refine, segment]")
+        return value
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON/YAML-safe dict (paths as strings)."""
@@ -209,9 +247,15 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     A layer that names a different component (``name``) drops the options of the component it
     replaces, whether or not it gives options of its own: they were written for that other
     plugin (``{name: timm:resnet18, options: {output_stride: 16}}`` over a ResNet-38 with a
-    ``width`` option must not inherit ``width``).
+    ``width`` option must not inherit ``width``).  Likewise a layer that changes a key ``K``
+    drops the ``K_options`` beside it (``backbone`` / ``backbone_options`` of a refiner).
     """
     out = copy.deepcopy(base)
+    # The same rule for options kept beside a name (a refiner's ``backbone`` and
+    # ``backbone_options``): a layer that changes ``K`` drops the previous ``K_options``.
+    for key, value in override.items():
+        if f"{key}_options" in out and key in out and out[key] != value:
+            del out[f"{key}_options"]
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             previous = out[key]

@@ -90,6 +90,13 @@ def register_refiners(register: Register) -> None:
     uint8 [H, W]``: 0 background, ``key + 1`` a class, 255 where the refiner is unsure
     (:class:`wsss_bench.contracts.Refiner`; the host checks every map).  Optional: ``to(device)``
     and ``protocol`` (a dict of what a refined row should state, e.g. ``{"crf": "absent"}``).
+
+    A refiner that learns (AffinityNet) also has ``fit(dataset, cam_dir, out_file, device,
+    show_progress) -> Path``: train on the training split's images and CAM files, save the state
+    to ``out_file``, use it from then on; and ``load_fitted(path)``: use a file ``fit`` saved
+    before (the run caches ``fit`` as the stage ``refine:fit`` and calls this on a reuse).
+    ``needs_fit`` (bool, default true when ``fit`` exists) says whether ``fit`` must run: false
+    when the options already name weights (PSA's released ``res38_aff.pth``).
     """
 
 

@@ -17,7 +17,8 @@ from .options import config_options, resolve_config
 @click.option("--cache-dir", type=click.Path(path_type=Path),
               help="Content-addressed stage cache shared between runs: unchanged stages are reused.")
 @click.option("--force", "force", multiple=True, metavar="STAGE",
-              help="Recompute a cached stage: train:round1, features, cams:round0:val, or a prefix (repeatable).")
+              help="Recompute a cached stage: train:round1, features, cams:round0:val, refine, segment, "
+                   "or a prefix (repeatable).")
 def run_command(out: Optional[Path], resume: bool, dry_run: bool, cache_dir: Optional[Path],
                 force: tuple[str, ...], **flags: Any) -> None:
     """Run a CAM method end to end and print its mIoU table."""

@@ -73,10 +73,10 @@ def cli() -> None:
 
 def _register_builtin_commands() -> None:
     from . import (cmd_bench, cmd_data, cmd_eval, cmd_export, cmd_import, cmd_plugins, cmd_refine,
-                   cmd_report, cmd_run, cmd_steps)
+                   cmd_report, cmd_run, cmd_segment, cmd_steps)
 
     for module in (cmd_run, cmd_eval, cmd_plugins, cmd_data, cmd_steps, cmd_import, cmd_bench,
-                   cmd_export, cmd_refine, cmd_report):
+                   cmd_export, cmd_refine, cmd_segment, cmd_report):
         module.register(cli)
 
 

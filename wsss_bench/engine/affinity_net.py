@@ -47,7 +47,11 @@ class AffinityNet(nn.Module):
         strides = {declared[n].stride for n in levels}
         if len(strides) != 1:
             raise PluginError(f"AffinityNet needs feature levels of one stride, got {sorted(strides)}")
-        if any(True for _ in backbone.parameters(recurse=False)) or any(True for _ in backbone.buffers(recurse=False)):
+        # Non-persistent buffers (input constants) are the backbone's own business: they are
+        # in no state dict, and a backbone that keeps them moves them to its input's device.
+        transient = getattr(backbone, "_non_persistent_buffers_set", set())
+        if any(True for _ in backbone.parameters(recurse=False)) or any(
+                name not in transient for name, _ in backbone.named_buffers(recurse=False)):
             raise PluginError("AffinityNet registers the backbone's submodules by name; this backbone "
                               "holds parameters of its own outside submodules")
         # The backbone's submodules become ours under their own names (PSA's key layout); the

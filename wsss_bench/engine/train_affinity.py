@@ -1,12 +1,17 @@
-"""Training AffinityNet on CAMs (PSA's ``train_aff.py``), without a dense CRF.
+"""Training AffinityNet on CAMs (PSA's ``train_aff.py``), its labels through PSA's dense CRF.
 
-Labels (PSA's ``infer_cls.py`` + ``ExtractAffinityLabelInRadius``): from a CAM file's maps two
-score stacks ``[(1 - max)^fg_alpha, cams]`` (alpha 4: confident foreground) and
-``[(1 - max)^bg_alpha, cams]`` (alpha 32: confident background) are average-pooled to the
-feature stride and arg-maxed; a pixel is its class where the first stack's winner is a class,
-background where the second's winner is the background, and unsure (255) otherwise.  PSA passes
-each stack through a dense CRF first; here the raw stacks are used (no CRF extra yet), which
-every refined row states (``crf: absent``).
+Labels (PSA's ``infer_cls.py`` + ``VOC12AffDataset`` / ``ExtractAffinityLabelInRadius``): from a
+CAM file's maps two score stacks ``[(1 - max)^fg_alpha, cams]`` (alpha 4: confident foreground)
+and ``[(1 - max)^bg_alpha, cams]`` (alpha 32: confident background) are made at the image's full
+size and, when the CRF is used, each passes through the dense CRF on the image
+(:func:`~wsss_bench.engine.dense_crf.dense_crf`, PSA's ``crf_inference`` parameters; PSA's
+``la_crf`` / ``ha_crf`` maps), once per image before training.  Each training crop cuts both
+stacks with the image; they are average-pooled to the feature stride and arg-maxed: a pixel is
+its class where the first stack's winner is a class, background where the second's winner is the
+background, unsure (255) otherwise and where no score reaches 1e-5 (the crop's zero padding,
+as PSA).  ``crf``: ``auto`` uses the CRF when the ``[crf]`` extra (pydensecrf) is installed,
+``on`` requires it, ``off`` uses the raw stacks; :class:`AffinityLog` says which (``crf: used``
+or ``absent``, stated by every refined row).
 
 Pairs within ``radius`` on the stride map (:func:`~wsss_bench.engine.random_walk.pair_indices`)
 are background pairs (both background), foreground pairs (the same class) and negative pairs
@@ -22,6 +27,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -33,6 +39,7 @@ from ..errors import ConfigError
 from ..evaluation.camfiles import check_cam_dir, read_cam
 from ..progress import progress_bar
 from .affinity_net import HEAD_NAMES, AffinityNet
+from .dense_crf import CRF_EXTRA_MESSAGE, crf_available, dense_crf
 from .random_walk import PairIndex, batch_pair_affinity, pair_indices, pool_cams, with_background
 from .train import TrainingDiverged
 
@@ -54,17 +61,62 @@ class AffinityTraining:
     bg_alpha: float = 32.0
     radius: int = 5
     seed: int = 0
+    #: dense CRF on the label stacks: "auto" (when pydensecrf imports), "on" or "off"
+    crf: str = "auto"
 
 
-def confident_labels(cams: np.ndarray, keys: np.ndarray, stride: int, fg_alpha: float = 4.0,
-                     bg_alpha: float = 32.0) -> np.ndarray:
-    """uint8 labels on the stride map: class ``key + 1``, background 0, unsure 255 (see module)."""
+CRF_SETTINGS = ("auto", "on", "off")
+
+
+def crf_used(setting: str) -> bool:
+    """Whether the ``crf`` setting runs the CRF here; ``on`` without pydensecrf is one line."""
+    if setting not in CRF_SETTINGS:
+        raise ConfigError(f"affinity training crf={setting!r}: one of {', '.join(CRF_SETTINGS)}")
+    if setting == "off":
+        return False
+    available = crf_available()
+    if setting == "on" and not available:
+        raise ConfigError(f"affinity training crf=on: {CRF_EXTRA_MESSAGE} (or crf: auto / off)")
+    return available
+
+
+#: Below this no stack scores: the crop's padding (PSA's ``no_score_region``).
+NO_SCORE = 1e-5
+
+
+def label_scores(cams: np.ndarray, fg_alpha: float = 4.0, bg_alpha: float = 32.0,
+                 image: Optional[Union[np.ndarray, Image.Image]] = None) -> np.ndarray:
+    """float32 ``[2, 1 + n, H, W]``: the stacks ``[(1 - max)^alpha, cams]`` for ``fg_alpha`` and
+    ``bg_alpha``, each through the dense CRF on ``image`` (uint8 RGB ``[H, W, 3]``) when given."""
     maps = torch.as_tensor(np.asarray(cams, np.float32))
-    fg, bg = (pool_cams(with_background(maps, alpha), stride).argmax(dim=0) for alpha in (fg_alpha, bg_alpha))
+    stacks = [with_background(maps, alpha).numpy() for alpha in (fg_alpha, bg_alpha)]
+    if image is not None:
+        pixels = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, np.uint8)
+        # PSA's la_crf / ha_crf: the full image, before any crop or pooling
+        stacks = [dense_crf(pixels, stack) for stack in stacks]
+    return np.stack(stacks).astype(np.float32)
+
+
+def labels_from_scores(scores: np.ndarray, keys: np.ndarray, stride: int) -> np.ndarray:
+    """uint8 labels on the stride map of :func:`label_scores` stacks (see module): class
+    ``key + 1``, background 0, unsure 255."""
+    stacks = torch.as_tensor(np.asarray(scores, np.float32))
+    two, depth = stacks.shape[:2]
+    pooled = pool_cams(stacks.reshape(two * depth, *stacks.shape[2:]), stride)
+    no_score = pooled.max(dim=0).values < NO_SCORE
+    fg, bg = pooled.reshape(two, depth, *pooled.shape[1:]).argmax(dim=1)
     lookup = torch.as_tensor(np.concatenate([[0], np.asarray(keys, np.int64) + 1]))
     labels = torch.where(fg == 0, torch.full_like(fg, IGNORE_INDEX), lookup[fg])
     labels = torch.where(bg == 0, torch.zeros_like(labels), labels)
+    labels = torch.where(no_score, torch.full_like(labels, IGNORE_INDEX), labels)
     return labels.numpy().astype(np.uint8)
+
+
+def confident_labels(cams: np.ndarray, keys: np.ndarray, stride: int, fg_alpha: float = 4.0,
+                     bg_alpha: float = 32.0, image: Optional[Union[np.ndarray, Image.Image]] = None) -> np.ndarray:
+    """uint8 labels on the stride map of a whole image's CAMs: class ``key + 1``, background 0,
+    unsure 255 (see module); through the dense CRF on ``image`` when given."""
+    return labels_from_scores(label_scores(cams, fg_alpha, bg_alpha, image), keys, stride)
 
 
 def pair_label_sets(labels: torch.Tensor, pairs: PairIndex) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -90,24 +142,24 @@ def affinity_loss(features: torch.Tensor, labels: torch.Tensor, pairs: PairIndex
 @dataclass
 class _Sample:
     image: np.ndarray           # normalised [H, W, 3]
-    cams: np.ndarray            # [n, H, W]
+    scores: np.ndarray          # label_scores: [2, 1 + n, H, W]
     keys: np.ndarray
 
 
 def _crop_pair(sample: _Sample, size: int, rng: random.Random) -> tuple[np.ndarray, np.ndarray]:
-    """A random ``size`` crop of image and maps (zero padding: the mean colour, no CAM), flipped
-    half the time."""
+    """A random ``size`` crop of image and score stacks (zero padding: the mean colour, no
+    score), flipped half the time."""
     h, w = sample.image.shape[:2]
     ch, cw = max(size, h), max(size, w)
     image = np.zeros((ch, cw, 3), np.float32)
-    maps = np.zeros((sample.cams.shape[0], ch, cw), np.float32)
+    maps = np.zeros((*sample.scores.shape[:-2], ch, cw), np.float32)
     oy, ox = rng.randint(0, ch - h), rng.randint(0, cw - w)
     image[oy:oy + h, ox:ox + w] = sample.image
-    maps[:, oy:oy + h, ox:ox + w] = sample.cams
+    maps[..., oy:oy + h, ox:ox + w] = sample.scores
     y, x = rng.randint(0, ch - size), rng.randint(0, cw - size)
-    image, maps = image[y:y + size, x:x + size], maps[:, y:y + size, x:x + size]
+    image, maps = image[y:y + size, x:x + size], maps[..., y:y + size, x:x + size]
     if rng.random() < 0.5:
-        image, maps = image[:, ::-1], maps[:, :, ::-1]
+        image, maps = image[:, ::-1], maps[..., ::-1]
     return np.ascontiguousarray(image), np.ascontiguousarray(maps)
 
 
@@ -117,6 +169,10 @@ class AffinityLog:
 
     epoch_losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    #: "used" when the labels went through the dense CRF, else "absent"
+    crf: str = "absent"
+    #: the CRF's time (once per image, before training; not part of ``seconds``)
+    crf_seconds: float = 0.0
 
 
 def train_affinity(model: AffinityNet, dataset: VOCDataset, cam_dir: Path, settings: AffinityTraining,
@@ -124,12 +180,7 @@ def train_affinity(model: AffinityNet, dataset: VOCDataset, cam_dir: Path, setti
     """Train ``model`` in place on ``dataset``'s images and the CAM files of ``cam_dir``."""
     cam_dir = Path(cam_dir)
     check_cam_dir(cam_dir, dataset.ids, dataset.split)
-    samples = []
-    for image_id in dataset.ids:
-        image: Image.Image = dataset.load_image(image_id)
-        keys, cams = read_cam(cam_dir / f"{image_id}.npz", dataset.num_classes, (image.size[1], image.size[0]))
-        samples.append(_Sample(normalize(image), cams, keys))
-    stride = model.stride
+    stride = model.stride  # the settings' errors come before the CRF's minutes
     if settings.crop_size % stride:
         raise ConfigError(f"affinity crop size {settings.crop_size} is not a multiple of the stride {stride}")
     pairs = pair_indices(settings.radius, (settings.crop_size // stride, settings.crop_size // stride))
@@ -137,6 +188,20 @@ def train_affinity(model: AffinityNet, dataset: VOCDataset, cam_dir: Path, setti
         smallest = (2 * settings.radius - 1) * stride
         raise ConfigError(f"affinity crop size {settings.crop_size} gives a {settings.crop_size // stride}-pixel "
                           f"map, too small for pairs within radius {settings.radius}: use at least {smallest}")
+    use_crf = crf_used(settings.crf)
+    report = AffinityLog(crf="used" if use_crf else "absent")
+    labelling = time.perf_counter()
+    samples = []
+    # The CRF runs once per image here (PSA runs it offline in infer_cls.py): two CRFs of a
+    # 500x375 image take seconds, so the bar is shown for it.
+    for image_id in progress_bar(dataset.ids, "train-aff labels (CRF)", show_progress and use_crf):
+        image: Image.Image = dataset.load_image(image_id)
+        keys, cams = read_cam(cam_dir / f"{image_id}.npz", dataset.num_classes, (image.size[1], image.size[0]))
+        scores = label_scores(cams, settings.fg_alpha, settings.bg_alpha, image if use_crf else None)
+        samples.append(_Sample(normalize(image), scores, keys))
+    if use_crf:
+        report.crf_seconds = time.perf_counter() - labelling
+        log.info("train-aff: CRF labels of %d images in %.1f s", len(samples), report.crf_seconds)
     head = [p for n, p in model.named_parameters() if n.split(".")[0] in (*HEAD_NAMES, "f9")]
     head_ids = {id(p) for p in head}
     trunk = [p for p in model.parameters() if id(p) not in head_ids and p.requires_grad]
@@ -147,7 +212,6 @@ def train_affinity(model: AffinityNet, dataset: VOCDataset, cam_dir: Path, setti
     rng = random.Random(settings.seed)
     torch.manual_seed(settings.seed)
     model.to(device).train()
-    report = AffinityLog()
     started = time.perf_counter()
     step = 0
     for epoch in range(settings.epochs):
@@ -160,8 +224,7 @@ def train_affinity(model: AffinityNet, dataset: VOCDataset, cam_dir: Path, setti
             # contiguous(): conv backward on the permuted (channels-last strided) batch corrupted
             # the heap with torch 2.14.1 on CPU ("free(): invalid next size").
             images = torch.from_numpy(np.stack([c[0] for c in crops])).permute(0, 3, 1, 2).contiguous().to(device)
-            labels = torch.from_numpy(np.stack([confident_labels(c[1], c[2], stride, settings.fg_alpha,
-                                                                 settings.bg_alpha) for c in crops]))
+            labels = torch.from_numpy(np.stack([labels_from_scores(c[1], c[2], stride) for c in crops]))
             factor = (1 - step / total) ** 0.9
             optimizer.param_groups[0]["lr"] = settings.lr * factor
             optimizer.param_groups[1]["lr"] = 10 * settings.lr * factor

@@ -14,6 +14,7 @@ from ..data.voc import IGNORE_INDEX, VOCDataset, open_split
 from ..errors import DataError
 from . import DEFAULT_THRESHOLD
 from .miou import class_table, scores_from_confusion
+from .rows import CAM
 from .scoring import SplitScores, score_split
 
 
@@ -47,6 +48,7 @@ def result_row(result: EvalResult, tag: str, head: str, cam_dir: Path,
                extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """A machine-readable result row."""
     return {"tag": tag, "head": head, **(extra or {}), "split": result.split,
+            "stage": result.protocol.get("stage", "cam"),
             "miou": result.miou, "num_images": result.num_images, "protocol": result.protocol,
             "per_class": result.per_class, "cams": str(cam_dir)}
 
@@ -69,7 +71,7 @@ def result_at(scores: SplitScores, threshold: float, stage: str = "cam") -> Eval
     dataset = scores.dataset
     confusion = scores.confusion(threshold)
     table = scores_from_confusion(confusion)
-    protocol = {"split": dataset.split, "stage": stage, "threshold_policy": "fixed",
+    protocol = {"split": dataset.split, "stage": CAM, "cam_method": stage, "threshold_policy": "fixed",
                 "threshold": threshold, "ignore_index": IGNORE_INDEX,
                 "mean_over": "classes present in ground truth"}
     kept = scores.per_image if scores.per_image_threshold == float(threshold) else None

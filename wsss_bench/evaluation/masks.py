@@ -13,6 +13,7 @@ label) stands beside the mIoU.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -39,17 +40,21 @@ def check_mask_dir(mask_dir: Path, dataset: VOCDataset) -> None:
 
 def evaluate_masks(mask_dir: Path, dataset: VOCDataset, ignore_policy: str = "background",
                    device: torch.device | str = "cpu", stage: str = "mask",
-                   show_progress: bool = False) -> EvalResult:
+                   show_progress: bool = False, per_image: bool = False,
+                   cam_method: Optional[str] = None) -> EvalResult:
     """Score every image's ``mask_dir/<id>.png`` against ``dataset``'s ground truth.
 
     ``ignore_policy``: ``background`` counts unsure (255) pixels as background; ``ignore``
-    leaves them out of the score.  The protocol carries the policy and the coverage.
+    leaves them out of the score.  The protocol carries the policy and the coverage; ``stage``
+    names the pipeline stage (``refined:<refiner>``, ``seg``; ``mask`` for a folder of unknown
+    origin) and ``cam_method`` the CAMs the masks came from, where known.  ``per_image`` keeps
+    each image's confusion (``EvalResult.per_image``) for the bench's paired bootstrap.
     """
     if ignore_policy not in IGNORE_POLICIES:
         raise ConfigError(f"unknown ignore policy {ignore_policy!r}; choose one of {', '.join(IGNORE_POLICIES)}")
     mask_dir = Path(mask_dir)
     check_mask_dir(mask_dir, dataset)
-    acc = ConfusionAccumulator(dataset.num_classes, device)
+    acc = ConfusionAccumulator(dataset.num_classes, device, keep_per_update=per_image)
     labelled = confident = 0
     for image_id in progress_bar(dataset.ids, f"eval masks {dataset.split}", show_progress):
         truth = dataset.load_mask(image_id, dataset.image_size(image_id))
@@ -68,8 +73,11 @@ def evaluate_masks(mask_dir: Path, dataset: VOCDataset, ignore_policy: str = "ba
     confusion = acc.compute()
     scores = scores_from_confusion(confusion)
     coverage = confident / labelled if labelled else float("nan")
-    protocol = {"split": dataset.split, "stage": stage, "threshold_policy": None, "threshold": None,
+    protocol = {"split": dataset.split, "stage": stage, "cam_method": cam_method,
+                "threshold_policy": None, "threshold": None,
                 "ignore_policy": ignore_policy, "coverage": coverage, "ignore_index": IGNORE_INDEX,
                 "mean_over": "classes present in ground truth", "masks": str(mask_dir)}
     return EvalResult(dataset.split, float("nan"), scores["miou"], class_table(dataset.class_names, scores),
-                      confusion, len(dataset.ids), protocol)
+                      confusion, len(dataset.ids), protocol,
+                      per_image=acc.per_update() if per_image else None,
+                      ids=list(dataset.ids) if per_image else [])

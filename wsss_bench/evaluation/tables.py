@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 from . import DEFAULT_THRESHOLD
+from .rows import cam_method_of, stage_of
 
 
 def pct(value: Optional[float], digits: int = 1) -> str:
@@ -38,14 +39,14 @@ def results_markdown(results: dict[str, Any]) -> str:
     policies = [p for p in ("heldout", "oracle") if any(p in r.get("policies", {}) for r in rows)]
     titles = {"heldout": "held-out thr. mIoU (%)", "oracle": "oracle thr. mIoU (%, upper bound)"}
     at = results.get("threshold", DEFAULT_THRESHOLD)
-    header = ["split", *extra_cols, "stage", "mIoU (%)" if at is None else f"mIoU (%) @ {at}",
+    header = ["split", *extra_cols, "stage", "cam method", "mIoU (%)" if at is None else f"mIoU (%) @ {at}",
               *[titles[p] for p in policies], "images"]
 
     def policy_cell(row: dict[str, Any], name: str) -> str:
         found = row.get("policies", {}).get(name)
         return "–" if not found else f"{pct(found['miou'])} (t={found['threshold']:.2f})"
 
-    body = [[r["split"], *[r.get(c, "") for c in extra_cols], r["protocol"]["stage"],
+    body = [[r["split"], *[r.get(c, "") for c in extra_cols], stage_of(r), cam_method_of(r),
              pct(r["miou"]), *[policy_cell(r, p) for p in policies], r["num_images"]] for r in rows]
     # `wsss eval` scores files: it has no backbone or seed to name.
     backbone = f" ({results['backbone']})" if results.get("backbone") not in (None, "-") else ""

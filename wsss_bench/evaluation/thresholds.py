@@ -153,7 +153,7 @@ class ThresholdReport:
     def protocol(self) -> dict[str, Any]:
         """How the number was measured, in the same keys as :class:`EvalResult` plus extras."""
         protocol: dict[str, Any] = {
-            "split": self.split, "stage": self.stage, "threshold_policy": self.policy,
+            "split": self.split, "stage": "cam", "cam_method": self.stage, "threshold_policy": self.policy,
             "threshold": self.threshold, "ignore_index": IGNORE_INDEX,
             "mean_over": "classes present in ground truth", "upper_bound": self.upper_bound,
         }

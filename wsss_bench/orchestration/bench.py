@@ -40,6 +40,7 @@ from ..config import deep_merge, load_config, parse_override, read_yaml_file
 from ..errors import ConfigError, DataError, UserError
 from ..evaluation.evaluate import load_confusions
 from ..evaluation.miou import miou_from_confusions
+from ..evaluation.rows import CAM, REFINED, SEG, migrate_row
 from ..evaluation.tables import markdown_table, pct
 from . import runlock
 from .runner import preflight
@@ -455,7 +456,7 @@ def _config_value(value: Any) -> Any:
 
 
 def aggregate(spec: dict[str, Any], records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean ± std over seeds of each cell group's final mIoU per split and stage.
+    """Mean ± std over seeds of each cell group's mIoU per split, round, CAM method and stage.
 
     ``seeds`` and ``confusions`` (the path of each seed's per-image confusion file, ``None``
     where a cell has none) are aligned with ``mious``.  A record's ``dir`` is its cell folder.
@@ -475,7 +476,8 @@ def aggregate(spec: dict[str, Any], records: list[dict[str, Any]]) -> list[dict[
         for rec in recs:
             seed = rec["cell"].values.get("seed", rec["results"].get("seed"))
             for r in rec["results"]["rows"]:
-                ident = (r["split"], r.get("round", ""), r["protocol"]["stage"])
+                r = migrate_row(r)  # cells written before the pipeline had stages
+                ident = (r["split"], r.get("round", ""), r["protocol"]["cam_method"], r["stage"])
                 by_row.setdefault(ident, []).append(r["miou"])
                 seeds_by_row.setdefault(ident, []).append(seed)
                 files_by_row.setdefault(ident, []).append(
@@ -485,11 +487,12 @@ def aggregate(spec: dict[str, Any], records: list[dict[str, Any]]) -> list[dict[
                     by_policy.setdefault(ident, {}).setdefault(name, []).append(policy["miou"])
                 if r.get("subtype_ami") is not None:  # SC-CAM rounds on data with declared sub-types
                     ami_by_row.setdefault(ident, []).append(float(r["subtype_ami"]))
-        for ident, values in sorted(by_row.items(), key=lambda kv: (str(kv[0][1]), kv[0][0])):
+        # Stage order of the pipeline (CAMs, refined masks, segmentation), then round and split.
+        for ident, values in sorted(by_row.items(), key=lambda kv: (_stage_rank(kv[0][3]), str(kv[0][1]), kv[0][0])):
             arr = np.array(values, dtype=float)
             rows.append({
                 "group": dict((k, json.loads(v)) for k, v in key), "split": ident[0],
-                "round": ident[1], "stage": ident[2], "n": int(arr.size),
+                "round": ident[1], "cam_method": ident[2], "stage": ident[3], "n": int(arr.size),
                 "miou_mean": float(arr.mean()), "miou_std": float(arr.std(ddof=1)) if arr.size > 1 else 0.0,
                 "mious": arr.tolist(), "seeds": seeds_by_row[ident], "confusions": files_by_row[ident],
                 "protocol": protocols[ident],
@@ -562,7 +565,7 @@ def separated(n: int, interval: Optional[Sequence[float]]) -> str:
 
 
 def paired_deltas(rows: list[dict[str, Any]], alpha: float = ALPHA) -> list[dict[str, Any]]:
-    """Each row against its split's baseline (the split's first row), paired by seed.
+    """Each row against its baseline (the first row of its split and pipeline stage), paired by seed.
 
     Seeds are the natural pairing: cells of one seed share data order, initialisation and (in a
     shared store) the very same baseline classifier, so per-seed differences remove most of
@@ -585,12 +588,13 @@ def paired_deltas(rows: list[dict[str, Any]], alpha: float = ALPHA) -> list[dict
     Added keys: ``seeds`` and ``diffs`` (paired), ``p_value``, ``p_holm``, ``ci_level``,
     ``ci`` (``[low, high]`` fraction, or ``None``) and ``separated`` (:func:`separated`).
     """
-    baselines: dict[str, dict[str, Any]] = {}
+    # Refined masks are compared with the baseline's refined masks, CAMs with its CAMs.
+    baselines: dict[tuple[str, str], dict[str, Any]] = {}
     for r in rows:
-        baselines.setdefault(r["split"], r)
+        baselines.setdefault((r["split"], r.get("stage", "cam")), r)
     out = []
     for r in rows:
-        base = baselines[r["split"]]
+        base = baselines[(r["split"], r.get("stage", "cam"))]
         if r is base:
             continue
         base_by_seed = {s: m for s, m in zip(base["seeds"], base["mious"]) if s is not None}
@@ -814,34 +818,36 @@ def write_tables(spec: dict[str, Any], records: list[dict[str, Any]], out: Path,
     policies = [p for p in ("heldout", "oracle") if any(p in r.get("policies", {}) for r in rows)]
     policy_titles = {"heldout": "held-out thr. %", "oracle": "oracle thr. % (upper bound)"}
     show_ami = any(r.get("subtype_ami_mean") is not None for r in rows)
-    header = [*titles, "split", "round", "stage", "mIoU % (mean ± std)",
+    header = [*titles, "split", "round", "cam method", "stage", "mIoU % (mean ± std)",
               *[policy_titles[p] for p in policies], *(["sub-type AMI"] if show_ami else []),
               "n seeds", "time / cell (s)", "peak RSS (MB)"]
     empty_groups = _mark_absent(rows, statuses, axes)
     table = []
     for r in rows:
         ami = r.get("subtype_ami_mean")
-        table.append([*[_show(r["group"].get(a)) for a in axes], r["split"], r["round"], r["stage"],
-                      f"{pct(r['miou_mean'])} ± {pct(r['miou_std'])}",
+        table.append([*[_show(r["group"].get(a)) for a in axes], r["split"], r["round"], r["cam_method"],
+                      _stage_cell(r), f"{pct(r['miou_mean'])} ± {pct(r['miou_std'])}",
                       *[pct(r["policies"][p]) if p in r.get("policies", {}) else "" for p in policies],
                       *([f"{ami:.3f}" if ami is not None else ""] if show_ami else []),
                       _n_cell(r), f"{r['seconds_mean']:.0f}", f"{r['peak_rss_mb_max']:.0f}"])
     for g in empty_groups:  # every cell of the group failed or is missing: a row says so
         text = _absent_text([(a["seed"], a["status"]) for a in g["absent"]])
-        table.append([*[_show(g["group"].get(a)) for a in axes], "–", "–", "–", f"no result ({text})",
+        table.append([*[_show(g["group"].get(a)) for a in axes], "–", "–", "–", "–", f"no result ({text})",
                       *["" for _ in policies], *([""] if show_ami else []), f"0 of {len(g['absent'])}", "", ""])
     deltas = paired_deltas(rows)
     add_bootstrap(deltas)
     boot_title = f"{'/'.join(BOOTSTRAP_SPLITS)} Δ bootstrap {100 * (1 - ALPHA):.0f} % (images)"
     delta_table = [[*[_show(d["row"]["group"].get(a)) for a in axes], d["row"]["split"], d["row"]["round"],
-                    d["row"]["stage"], f"{100 * d['mean']:+.1f} ± {100 * d['std']:.1f}", d["n"],
+                    d["row"]["cam_method"], _stage_cell(d["row"]), f"{100 * d['mean']:+.1f} ± {100 * d['std']:.1f}", d["n"],
                     _ci_cell(d), _p_cell(d["p_holm"]), d["separated"], _bootstrap_cell(d)] for d in deltas]
     proto = rows[0]["protocol"] if rows else {}
     seeds = sorted({s for r in rows for s in r["seeds"] if s is not None})
     md = [f"# Bench: {spec['name']}", "",
-          f"Protocol: CAM seeds (stage `cam` = head-weight CAM; other stages name the post-hoc "
-          f"method), threshold policy `{proto.get('threshold_policy')}` (background score "
-          f"{proto.get('threshold')}), ignore label {proto.get('ignore_index')}, mIoU over "
+          f"Protocol: CAM seeds (cam method `cam` = head-weight CAM; others name the post-hoc "
+          f"method; stage `cam` scores the CAMs, `refined:<refiner>` the refiner's pseudo masks, "
+          f"`seg` the segmentation network trained on them, *seen* where it was trained on the "
+          f"scored split), threshold policy `{proto.get('threshold_policy')}` (background score "
+          f"{proto.get('threshold')}) for CAM rows{_mask_protocol(rows)}, ignore label {proto.get('ignore_index')}, mIoU over "
           f"{proto.get('mean_over')}; seeds {seeds}; std is the sample std over seeds. Paired "
           f"intervals against the baseline: over training seeds with the data fixed (t, Holm), "
           f"and over {'/'.join(BOOTSTRAP_SPLITS)} images with the trained models fixed (bootstrap)."
@@ -857,7 +863,8 @@ def write_tables(spec: dict[str, Any], records: list[dict[str, Any]], out: Path,
         named = ", ".join(f"{t} {_show(base['group'].get(a))}" for t, a in zip(titles, axes))
         md += ["## Against the baseline", "",
                f"Baseline: the first row of each split ({named}, "
-               f"round {base['round']}, stage `{base['stage']}`). Δ is paired by seed (same seed, "
+               f"round {base['round']}, cam method `{base['cam_method']}`; refined and segmentation "
+               f"rows against the baseline's row of the same stage). Δ is paired by seed (same seed, "
                "same data order; mean ± sample std of the per-seed differences, fixed threshold). "
                "*Seed CI*: paired t-interval of the per-seed differences; it covers training "
                "seeds with the data fixed (the same images every seed), not another sample of "
@@ -873,13 +880,13 @@ def write_tables(spec: dict[str, Any], records: list[dict[str, Any]], out: Path,
                "with another sample of images, the trained models fixed. n/a where the cells "
                "kept no per-image confusions (older runs); – on other splits. Rows equal to the "
                "baseline seed for seed (the shared round-0 classifier) are left out.", "",
-               markdown_table([*titles, "split", "round", "stage", "Δ mIoU points (paired)", "n seeds",
+               markdown_table([*titles, "split", "round", "cam method", "stage", "Δ mIoU points (paired)", "n seeds",
                                "seed CI, Holm (points)", "p (Holm)", "separated", boot_title],
                               delta_table), ""]
     io.write_text(out / "bench.md", "\n".join(md))
     buffer = _io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow([*axes, "split", "round", "stage", "miou_mean", "miou_std", "n", "mious",
+    writer.writerow([*axes, "split", "round", "cam_method", "stage", "miou_mean", "miou_std", "n", "mious",
                      "threshold_policy", "threshold", "ignore_index", "seconds_mean", "peak_rss_mb_max",
                      "absent_cells"])
 
@@ -887,13 +894,13 @@ def write_tables(spec: dict[str, Any], records: list[dict[str, Any]], out: Path,
         return " ".join(f"{a['seed']}:{a['status']}" for a in entries)
 
     for r in rows:
-        writer.writerow([*[_show(r["group"].get(a)) for a in axes], r["split"], r["round"], r["stage"],
+        writer.writerow([*[_show(r["group"].get(a)) for a in axes], r["split"], r["round"], r["cam_method"], r["stage"],
                          f"{r['miou_mean']:.6f}", f"{r['miou_std']:.6f}", r["n"],
                          " ".join(f"{m:.6f}" for m in r["mious"]), r["protocol"].get("threshold_policy"),
                          r["protocol"].get("threshold"), r["protocol"].get("ignore_index"),
                          f"{r['seconds_mean']:.2f}", f"{r['peak_rss_mb_max']:.1f}", absent_csv(r["absent"])])
     for g in empty_groups:
-        writer.writerow([*[_show(g["group"].get(a)) for a in axes], "", "", "", "", "", 0, "", "", "", "", "", "",
+        writer.writerow([*[_show(g["group"].get(a)) for a in axes], "", "", "", "", "", "", 0, "", "", "", "", "", "",
                          absent_csv(g["absent"])])
     io.write_text(out / "bench.csv", buffer.getvalue())
     json_rows = [{**r, "confusions": [_relative(f, out) for f in r.get("confusions") or []]} for r in rows]
@@ -904,6 +911,7 @@ def write_tables(spec: dict[str, Any], records: list[dict[str, Any]], out: Path,
                                        "deltas": [{k: v for k, v in d.items() if k not in ("row", "baseline")}
                                                   | {"split": d["row"]["split"], "group": d["row"]["group"],
                                                      "round": d["row"]["round"], "stage": d["row"]["stage"],
+                                                     "cam_method": d["row"]["cam_method"],
                                                      "alpha": ALPHA}
                                                   for d in deltas]})
     tex_note = f"% {quick}\n" if quick else ""
@@ -911,6 +919,27 @@ def write_tables(spec: dict[str, Any], records: list[dict[str, Any]], out: Path,
                   + latex_delta_table(titles, axes, deltas))
     return {"rows": rows, "deltas": deltas, "out": str(out), "markdown": "\n".join(md),
             "cells": cell_records(statuses, out)}
+
+
+def _stage_rank(stage: str) -> int:
+    """Pipeline order of a row's stage: CAMs, refined masks, segmentation, anything else."""
+    return 0 if stage == CAM else 1 if stage.startswith(REFINED) else 2 if stage == SEG else 3
+
+
+def _stage_cell(row: dict[str, Any]) -> str:
+    """A table cell for a row's stage: a segmentation scored on its own training split is *seen*."""
+    return f"{row['stage']} (seen)" if row.get("protocol", {}).get("seen") else str(row["stage"])
+
+
+def _mask_protocol(rows: Sequence[dict[str, Any]]) -> str:
+    """The protocol of the refined and segmentation rows: ignore policy and whether a CRF ran."""
+    masks = [r["protocol"] for r in rows if r.get("stage", CAM) != CAM]
+    if not masks:
+        return ""
+    policies = sorted({str(p.get("ignore_policy")) for p in masks})
+    crf = sorted({str(p.get("crf")) for p in masks if p.get("crf") is not None})
+    return (f"; refined and segmentation rows: unsure pixels scored as `{'/'.join(policies)}` "
+            f"(ignore policy){', crf: ' + '/'.join(crf) if crf else ''}")
 
 
 def _esc(text: Any) -> str:
@@ -924,18 +953,19 @@ def latex_table(titles: list[str], axes: list[str], rows: list[dict[str, Any]],
     A row over fewer seeds than the bench's (failed or missing cells) is marked with a dagger
     and a note under the table; a group with no finished cell gets a row that says so.
     """
-    cols = "l" * (len(titles) + 3) + "r"
+    cols = "l" * (len(titles) + 4) + "r"
     lines = [r"\begin{tabular}{" + cols + "}", r"\toprule",
-             " & ".join([*map(_esc, titles), "split", "round", "stage", r"mIoU (\%)"]) + r" \\", r"\midrule"]
+             " & ".join([*map(_esc, titles), "split", "round", "cam method", "stage", r"mIoU (\%)"]) + r" \\",
+             r"\midrule"]
     marked = False
     for r in rows:
         dagger = r"^\dagger" if r.get("absent") else ""
         marked = marked or bool(dagger)
         cells = [*[_esc(_show(r["group"].get(a))) for a in axes], _esc(r["split"]), _esc(r["round"]),
-                 _esc(r["stage"]), f"${100 * r['miou_mean']:.1f} \\pm {100 * r['miou_std']:.1f}{dagger}$"]
+                 _esc(r["cam_method"]), _esc(_stage_cell(r)), f"${100 * r['miou_mean']:.1f} \\pm {100 * r['miou_std']:.1f}{dagger}$"]
         lines.append(" & ".join(cells) + r" \\")
     for g in empty_groups:
-        lines.append(" & ".join([*[_esc(_show(g["group"].get(a))) for a in axes], "--", "--", "--",
+        lines.append(" & ".join([*[_esc(_show(g["group"].get(a))) for a in axes], "--", "--", "--", "--",
                                  "no result"]) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     if marked or empty_groups:
@@ -954,20 +984,20 @@ def latex_delta_table(titles: list[str], axes: list[str], deltas: list[dict[str,
     def interval(low: float, high: float) -> str:
         return f"$[{100 * low:+.1f}, {100 * high:+.1f}]$"
 
-    cols = "l" * (len(titles) + 3) + "rrrrlr"
+    cols = "l" * (len(titles) + 4) + "rrrrlr"
     lines = [r"% Seed CI: paired t over training seeds (data fixed), Holm-corrected across rows",
              r"% (row i at level 1 - alpha/m_i, m_i its Holm step multiplier; levels in bench.json);",
              f"% bootstrap: {BOOTSTRAP_RESAMPLES} resamples of the {'/'.join(BOOTSTRAP_SPLITS)} images "
              "(models fixed), 95 % percentile interval.",
              r"\begin{tabular}{" + cols + "}", r"\toprule",
-             " & ".join([*map(_esc, titles), "split", "round", "stage", r"$\Delta$ mIoU", "n",
+             " & ".join([*map(_esc, titles), "split", "round", "cam method", "stage", r"$\Delta$ mIoU", "n",
                          r"seed CI (Holm)", r"$p_\mathrm{Holm}$", "separated",
                          r"bootstrap 95\,\%"]) + r" \\", r"\midrule"]
     for d in deltas:
         r = d["row"]
         boot = d.get("bootstrap")
         cells = [*[_esc(_show(r["group"].get(a))) for a in axes], _esc(r["split"]), _esc(r["round"]),
-                 _esc(r["stage"]), f"${100 * d['mean']:+.1f} \\pm {100 * d['std']:.1f}$", str(d["n"]),
+                 _esc(r["cam_method"]), _esc(_stage_cell(r)), f"${100 * d['mean']:+.1f} \\pm {100 * d['std']:.1f}$", str(d["n"]),
                  interval(*d["ci"]) if d["ci"] is not None else "n/a",
                  _esc(_p_cell(d["p_holm"])).replace("<", r"$<$"), d["separated"],
                  interval(boot["low"], boot["high"]) if boot is not None

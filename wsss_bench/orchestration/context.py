@@ -63,6 +63,8 @@ class MethodContext:
     method: Any = None
     #: Store look-ups, ``--force`` and the manifest record of every cached stage.
     stages: StageCache = field(init=False)
+    #: What made each CAM folder of this run (``cams/<folder>``), to infer it on other splits.
+    _cam_sources: dict[str, "_CamSource"] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.stages = StageCache(self.store, tuple(self.force), self.manifest)
@@ -278,6 +280,8 @@ class MethodContext:
         """
         stage = stage or ("cam" if head == PARENT else f"cam-{head}")
         model_key = checkpoints.state_digest(model)
+        # The later stages (refinement, segmentation) need the same maps on the training split.
+        self._cam_sources[_cam_folder(tag, stage)] = _CamSource(model, tag, head, stage, model_key, cam_fn)
         made = [self._split_cams(model, tag, head, split, dataset, stage, model_key, cam_fn)
                 for split, dataset in self.eval_sets.items()]
         # Rank 0 scores; every process gets the rows back.
@@ -286,7 +290,7 @@ class MethodContext:
     def _split_cams(self, model: Classifier, tag: str, head: str, split: str, dataset: VOCDataset,
                     stage: str, model_key: str, cam_fn: Optional[CamFunction]) -> "_SplitCams":
         """CAM files of one split (cached, sharded under torchrun), not yet scored."""
-        folder = tag if stage == "cam" else f"{tag}-{stage}"
+        folder = _cam_folder(tag, stage)
         out = self.run_dir / "cams" / folder / split
         inputs = {"model": model_key, "scales": self.config.cams.scales, "stage": stage,
                   "precision": self.config.cams.precision,
@@ -323,6 +327,26 @@ class MethodContext:
                                   rank=self.job.rank, world_size=self.job.world_size)
             reused = sum(self.job.all_gather(written)) == 0
         return _SplitCams(split, dataset, out, cached, reused)
+
+    def split_cams_like(self, row: dict[str, Any], dataset: VOCDataset) -> Path:
+        """The CAM folder of ``dataset`` made by the model (and CAM function) behind ``row``,
+        a row this run's method returned: cached, resumable and forced like every CAM stage
+        (``cams:<folder>:<split>``).  What refinement trains on."""
+        folder = _cam_folder(row["tag"], row["protocol"]["cam_method"])
+        source = self._cam_sources.get(folder)
+        if source is None:
+            raise ConfigError(f"row {row['tag']} ({row['protocol']['cam_method']}) was not made by this "
+                              "run's method; its CAMs cannot be inferred on other splits")
+        made = self._split_cams(source.model, source.tag, source.head, dataset.split, dataset, source.stage,
+                                source.model_key, source.cam_fn)
+
+        def finish() -> None:
+            record_checksums(made.out)
+            made.stage.publish_folder(made.out)
+            made.stage.record([made.out], made.reused)
+
+        self.job.on_main(finish)
+        return made.out
 
     def _score_splits(self, made: list["_SplitCams"], tag: str, head: str, stage: str,
                       row: Optional[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -385,11 +409,28 @@ class MethodContext:
                 name = f"{r['tag']}-{stage}-{split}"
                 curve = reports["fixed"].curve
                 save_curve(self.run_dir / "curves" / f"{name}.json", curve,
-                           {"split": split, "stage": stage, "tag": r["tag"]})
+                           {"split": split, "cam_method": stage, "tag": r["tag"]})
                 plot_curves(self.run_dir / "curves" / f"{name}.png", {f"{split} ({stage})": curve},
                             {name: rep.threshold for name, rep in reports.items()},
                             title=f"mIoU vs background threshold: {r['tag']} {stage} {split}")
                 r["curve"] = f"curves/{name}.json"
+
+
+def _cam_folder(tag: str, stage: str) -> str:
+    """``cams/<folder>``: the tag for the plain head-weight CAM, ``<tag>-<method>`` otherwise."""
+    return tag if stage == "cam" else f"{tag}-{stage}"
+
+
+@dataclass
+class _CamSource:
+    """The model and map function behind one CAM folder."""
+
+    model: Classifier
+    tag: str
+    head: str
+    stage: str
+    model_key: str
+    cam_fn: Optional[CamFunction]
 
 
 @dataclass

@@ -9,17 +9,20 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from pydantic import ValidationError
 
 from .. import contracts, distributed, io
 from ..config import RunConfig
 from ..data.open import cache_dir, open_datasets, resolve_data_root  # noqa: F401 (the old home)
 from ..device import seed_everything
 from ..errors import ConfigError, WeightsError
+from ..registry import format_validation_error
 from ..evaluation.tables import results_markdown
 from ..plugins import registry
 from . import runlock
 from .context import MethodContext
 from .manifest import Manifest
+from .pipeline import final_rows, later_stages
 
 log = logging.getLogger("wsss_bench")
 
@@ -71,6 +74,18 @@ def validate_plugins(config: RunConfig) -> Any:
         registry("dataset").get(config.dataset.name).validate_options(dict(config.dataset.options))
     with torch.device("meta"):
         registry("backbone").create(config.backbone.name, **config.backbone.options)
+    if "refine" in config.stages:
+        registry("refiner").get(config.refine.name).validate_options(dict(config.refine.options))
+    if "segment" in config.stages:
+        from ..engine.segmentation import SegmentOptions
+
+        try:
+            SegmentOptions(**config.segment.options)
+        except ValidationError as exc:
+            raise ConfigError(f"invalid config: segment.options: {format_validation_error(exc)}") from None
+        backbone = config.segment.backbone or config.backbone
+        with torch.device("meta"):
+            registry("backbone").create(backbone.name, **backbone.options)
     return method
 
 
@@ -150,6 +165,14 @@ def run(config: RunConfig, out_dir: Optional[Path] = None, resume: bool = False,
             runlock.release(ctx.run_dir)
 
 
+def _miou_by_stage(final: list[dict[str, Any]], later_rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """``{stage: {split: mIoU}}`` of the final CAM rows and the rows of the later stages."""
+    table: dict[str, dict[str, float]] = {}
+    for r in [*final, *later_rows]:
+        table.setdefault(r.get("stage", "cam"), {})[r["split"]] = r["miou"]
+    return table
+
+
 def _run_method(config: RunConfig, ctx: MethodContext, start: float) -> dict[str, Any]:
     """The method's work in a prepared context, then ``results.json`` / ``results.md``."""
     job = ctx.job
@@ -160,8 +183,10 @@ def _run_method(config: RunConfig, ctx: MethodContext, start: float) -> dict[str
              config.method.name, config.backbone.name, len(ctx.train_set.ids), device)
     component = registry("method").get(config.method.name)
     outcome = contracts.check_method_outcome(ctx.method.run(ctx), component)
-    rows = outcome["rows"]
-    final = [r for r in rows if r.get("final")] or rows[-len(eval_sets):]
+    final = final_rows(outcome["rows"], len(eval_sets))
+    # Refinement and segmentation of the final CAMs, when `stages` asks for them.
+    later_rows, later = later_stages(ctx, outcome["rows"])
+    rows = [*outcome["rows"], *later_rows]
     results = {
         "method": config.method.name, "backbone": config.backbone.name,
         "dataset": config.dataset.name or str(config.dataset.root), "seed": config.seed,
@@ -169,6 +194,10 @@ def _run_method(config: RunConfig, ctx: MethodContext, start: float) -> dict[str
         "threshold": config.eval.threshold, "train_split": config.dataset.train_split,
         "eval_splits": list(eval_sets), "config_digest": config.digest(),
         "miou": {r["split"]: r["miou"] for r in final},
+        "stages": list(config.stages),
+        # The headline of each stage: final CAMs, refined masks, segmentation, per split.
+        "miou_by_stage": _miou_by_stage(final, later_rows),
+        **later,
         "rows": rows, "final": final, "extra": {**ctx.extra, **outcome.get("extra", {})},
         "tables": outcome.get("tables", {}), "torch": torch.__version__,
         "wall_time_s": round(time.perf_counter() - start, 2),

@@ -97,10 +97,10 @@ class Stage:
             return True
         return False
 
-    def fetch_folder(self, target: Path) -> bool:
-        """Link every file of the stored folder into ``target`` when it is usable."""
+    def fetch_folder(self, target: Path, pattern: str = "*.npz") -> bool:
+        """Link every ``pattern`` file of the stored folder into ``target`` when it is usable."""
         if self.stored_folder():
-            link_tree(self.stored, target)  # type: ignore[arg-type]
+            link_tree(self.stored, target, pattern)  # type: ignore[arg-type]
             return True
         return False
 
@@ -109,10 +109,10 @@ class Stage:
         if self.stored is not None:
             link_file(output, self.stored)
 
-    def publish_folder(self, output: Path) -> None:
-        """Link ``output``'s files into the store and mark the stored folder complete."""
+    def publish_folder(self, output: Path, pattern: str = "*.npz") -> None:
+        """Link ``output``'s ``pattern`` files into the store and mark the stored folder complete."""
         if self.stored is not None and not (self.stored / COMPLETE).is_file():
-            link_tree(output, self.stored)
+            link_tree(output, self.stored, pattern)
             io.write_text(self.stored / COMPLETE, "")
 
     def record(self, outputs: list[Path], reused: bool = False,
@@ -135,8 +135,8 @@ def link_file(source: Path, target: Path) -> None:
     os.replace(tmp, target)
 
 
-def link_tree(source: Path, target: Path) -> None:
-    """Link every ``.npz`` file of ``source`` into ``target``."""
-    for path in source.glob("*.npz"):
+def link_tree(source: Path, target: Path, pattern: str = "*.npz") -> None:
+    """Link every ``pattern`` file of ``source`` (CAM files by default) into ``target``."""
+    for path in source.glob(pattern):
         if not (target / path.name).is_file():
             link_file(path, target / path.name)

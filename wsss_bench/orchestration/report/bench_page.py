@@ -30,28 +30,29 @@ def bench_report(folder: Path, plots: Plots) -> str:
     data = _read_json(folder / "bench.json")
     if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
         raise UserError(f"{folder / 'bench.json'}: not a bench file (no 'rows' list)")
-    rows = data["rows"]
+    rows = [_migrate_bench_row(r) for r in data["rows"] if isinstance(r, dict)]
     spec = data.get("spec") or {}
     labels = spec.get("labels") or {}
     axes = [k for k in (spec.get("matrix") or {}) if k != "seed"]
     if not axes:   # a bench.json without its spec: take the axes from the groups
         axes = list(dict.fromkeys(k for r in rows for k in (r.get("group") or {})))
     titles = [labels.get(a, a) for a in axes]
-    header = [*titles, "split", "round", "stage", "mIoU % (mean ± std)", "per seed (%)", "n seeds",
+    header = [*titles, "split", "round", "cam method", "stage", "mIoU % (mean ± std)", "per seed (%)", "n seeds",
               "time / cell (s)", "peak RSS (MB)"]
     body = []
     for r in rows:
         group = r.get("group") or {}
         body.append([*[_show(group.get(a, "")) for a in axes], r.get("split", ""), r.get("round", ""),
-                     r.get("stage", ""), f"{pct(r.get('miou_mean'))} ± {pct(r.get('miou_std'))}",
+                     r.get("cam_method", ""), r.get("stage", ""), f"{pct(r.get('miou_mean'))} ± {pct(r.get('miou_std'))}",
                      " ".join(pct(m) for m in r.get("mious") or []), r.get("n", ""),
                      f"{r['seconds_mean']:.0f}" if r.get("seconds_mean") is not None else "–",
                      f"{r['peak_rss_mb_max']:.0f}" if r.get("peak_rss_mb_max") is not None else "–"])
-    first_number = len(axes) + 3
+    first_number = len(axes) + 4
     table = html_table(header, body, "bench", numeric=lambda i: i >= first_number)
     proto = rows[0].get("protocol", {}) if rows else {}
     seeds = sorted({s for r in rows for s in (r.get("seeds") or []) if s is not None})
-    protocol = (f"CAM seeds (stage cam = head-weight CAM; other stages name the post-hoc method), "
+    protocol = (f"CAM seeds (cam method cam = head-weight CAM, others name the post-hoc method; stage "
+                f"cam scores CAMs, refined:<refiner> pseudo masks, seg the segmentation network), "
                 f"threshold policy {proto.get('threshold_policy')} (background score {proto.get('threshold')}), "
                 f"ignore label {proto.get('ignore_index')}, mIoU over {proto.get('mean_over')}; seeds {seeds}; "
                 "std is the sample std over seeds.")
@@ -69,7 +70,7 @@ def bench_report(folder: Path, plots: Plots) -> str:
 
 def bench_chart(rows: list[dict[str, Any]], axes: list[str], plots: Plots) -> Optional[str]:
     """Mean ± std mIoU per group on ``val`` (or the first split): each group's last round of
-    the head-weight CAM stage (else its first stage), i.e. its final number."""
+    the head-weight CAMs (stage and cam method cam, else the first there is), i.e. its final CAM number."""
     splits = list(dict.fromkeys(r.get("split") for r in rows))
     if not splits:
         return None
@@ -81,8 +82,9 @@ def bench_chart(rows: list[dict[str, Any]], axes: list[str], plots: Plots) -> Op
         group = r.get("group") or {}
         label = ", ".join(_show(group.get(a, "")) for a in axes) or "all"
         best = groups.get(label)
-        rank = (r.get("stage") == "cam", _round_key(r.get("round")))
-        if best is None or rank > (best.get("stage") == "cam", _round_key(best.get("round"))):
+        rank = (r.get("stage") == "cam", r.get("cam_method") == "cam", _round_key(r.get("round")))
+        if best is None or rank > (best.get("stage") == "cam", best.get("cam_method") == "cam",
+                                   _round_key(best.get("round"))):
             groups[label] = r
     if not groups:
         return None
@@ -92,5 +94,12 @@ def bench_chart(rows: list[dict[str, Any]], axes: list[str], plots: Plots) -> Op
                       f"mIoU on {split}: mean ± std over seeds")
     uri = plots.save("bench_miou", data)
     used = ", ".join(f"{g}: round {'–' if groups[g].get('round') in (None, '') else groups[g]['round']}, "
-                     f"stage {groups[g].get('stage')}" for g in labels)
+                     f"cam method {groups[g].get('cam_method')}" for g in labels)
     return img_tag(uri, f"bench mIoU per group ({split})", "plot") + f'<p class="note">Rows shown: {esc(used)}.</p>'
+
+
+def _migrate_bench_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A bench row of either layout: before stages, ``stage`` held the CAM method."""
+    if "cam_method" in row:
+        return row
+    return {**row, "cam_method": row.get("stage", "cam"), "stage": "cam"}

@@ -9,6 +9,7 @@ from PIL import Image
 
 from ...data.voc import IGNORE_INDEX
 from ...errors import DataError, UserError
+from ...evaluation.rows import cam_method_of, stage_of
 from ...evaluation.tables import pct
 from .html import esc, figure, img_tag
 from .images import GALLERY_THUMB, colour_hex, data_uri, heatmap_overlay, mask_image, thumbnail
@@ -50,6 +51,21 @@ class ExampleRenderer:
             self._cache[key] = figure(data_uri(thumbnail(mask_image(mask), nearest=True), "png"),
                                       "ground truth", "thumb mask")
         return self._cache[key]
+
+    def label_map(self, folder: Path, image_id: str, caption: str) -> str:
+        """A label-map PNG of ``folder`` (refined mask, segmentation) in VOC colours, with the
+        image's mIoU; a missing or unreadable file is a cell that says so."""
+        from ...data.voc import read_mask
+
+        path = Path(folder) / f"{image_id}.png"
+        try:
+            labels = read_mask(path, self.dataset.num_classes)
+        except (OSError, ValueError, DataError):
+            return f'<div class="warn">{esc(caption)}: no mask {esc(path.name)}</div>'
+        score = image_miou(np.where(labels == IGNORE_INDEX, 0, labels), self.dataset.load_mask(image_id),
+                           self.dataset.num_classes)
+        return figure(data_uri(thumbnail(mask_image(labels), nearest=True), "png"),
+                      f"{caption} (mIoU {pct(score)} %)", "thumb mask")
 
     def cams(self, cam_dir: Path, image_id: str) -> tuple[list[str], float]:
         """One heat map per class of the CAM file, the pseudo mask, and the image's mIoU."""
@@ -95,12 +111,27 @@ def examples_section(run: Run, row: dict[str, Any], dataset: Any, renderer: Exam
              f"image's ground truth, pseudo mask at background score {renderer.threshold:g}). "
              f"{count} best, {count} worst, {count} random (seed {seed}).</p>",
              _legend(dataset.class_names)]
+    later = later_stage_rows(run, row["split"])   # refined masks, segmentation predictions
     for kind, score in chosen:
         cells, _ = renderer.cams(cam_dir, score.image_id)
+        cells += [renderer.label_map(run.path / r["masks"], score.image_id, _stage_caption(r)) for r in later]
         label = f'<div class="label"><b>{esc(kind)}</b><br>{esc(score.image_id)}<br>mIoU {pct(score.miou)} %</div>'
         parts.append(f'<div class="row">{label}{renderer.image(score.image_id)}'
                      f'{renderer.truth(score.image_id)}{"".join(cells)}</div>')
     return "".join(parts)
+
+
+def later_stage_rows(run: Run, split: str) -> list[dict[str, Any]]:
+    """The split's refined and segmentation rows whose mask folder is in the run folder."""
+    return [r for r in run.rows if r["split"] == split and stage_of(r) != "cam" and r.get("masks")
+            and (run.path / r["masks"]).is_dir()]
+
+
+def _stage_caption(row: dict[str, Any]) -> str:
+    stage = stage_of(row)
+    if stage == "seg":
+        return "segmentation" + (" (seen in training)" if row["protocol"].get("seen") else "")
+    return stage.replace("refined:", "refined: ")
 
 
 def across_rounds_section(run: Run, row: dict[str, Any], dataset: Any, renderer: ExampleRenderer,
@@ -108,7 +139,7 @@ def across_rounds_section(run: Run, row: dict[str, Any], dataset: Any, renderer:
     """The same images under every round's CAMs: the largest gain, the largest loss, one random."""
     rows = sorted((r for r in run.rows if "round" in r and r["split"] == row["split"]
                    and r.get("head", "parent") == "parent" and r.get("cams")
-                   and r["protocol"].get("stage") == row["protocol"].get("stage")
+                   and stage_of(r) == "cam" and cam_method_of(r) == cam_method_of(row)
                    and (run.path / r["cams"]).is_dir()), key=lambda r: int(r["round"]))
     if len({r["round"] for r in rows}) < 2:
         return None

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import DataError, UserError
+from ...evaluation.rows import migrate_results
 
 
 
@@ -47,6 +48,7 @@ class Run:
             except yaml.YAMLError as exc:
                 raise UserError(f"{path / 'config.yaml'}: invalid YAML ({exc})") from None
         manifest = _read_json(path / "manifest.json") if (path / "manifest.json").is_file() else {}
+        results = migrate_results(results)  # rows of runs written before stages existed
         return cls(path, results, config if isinstance(config, dict) else {},
                    manifest if isinstance(manifest, dict) else {})
 

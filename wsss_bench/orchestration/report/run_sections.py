@@ -6,6 +6,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ...evaluation import DEFAULT_THRESHOLD
+from ...evaluation.rows import cam_method_of, stage_of
 from ...evaluation.tables import pct
 from .html import esc, html_table, img_tag
 from .images import png_uri
@@ -26,13 +27,13 @@ def results_section(run: Run) -> str:
     policies = [p for p in ("heldout", "oracle") if any(p in (r.get("policies") or {}) for r in rows)]
     titles = {"heldout": "held-out thr. mIoU (%)", "oracle": "oracle thr. mIoU (%, upper bound)"}
     threshold = run.results.get("threshold", DEFAULT_THRESHOLD)
-    header = ["split", *(["round"] if has_round else []), *(["head"] if has_head else []), "stage",
+    header = ["split", *(["round"] if has_round else []), *(["head"] if has_head else []), "stage", "cam method",
               f"fixed mIoU (%) @ {threshold}", *[titles[p] for p in policies], "images"]
     final_ids = {(r.get("tag"), r.get("head"), r["split"]) for r in run.final}
     body, classes = [], []
     for r in rows:
         body.append([r["split"], *([r.get("round", "")] if has_round else []),
-                     *([r.get("head", "parent")] if has_head else []), r["protocol"].get("stage", ""),
+                     *([r.get("head", "parent")] if has_head else []), stage_of(r), cam_method_of(r),
                      pct(r["miou"]), *[_policy_cell(r, p) for p in policies], r.get("num_images", "")])
         is_final = (r.get("tag"), r.get("head"), r["split"]) in final_ids
         classes.append("final" if is_final else "")
@@ -119,8 +120,9 @@ def rounds_section(run: Run, plots: Plots) -> Optional[str]:
     """Per-round mIoU (line plot) and the sub-category cluster statistics; None for one round."""
     series: dict[str, list[tuple[int, float]]] = {}
     for r in run.rows:
-        if "round" in r and r.get("head", "parent") == "parent" and r["miou"] is not None:
-            stage = r["protocol"].get("stage", "cam")
+        if ("round" in r and r.get("head", "parent") == "parent" and r["miou"] is not None
+                and stage_of(r) == "cam"):
+            stage = cam_method_of(r)
             label = r["split"] if stage == "cam" else f"{r['split']} ({stage})"
             series.setdefault(label, []).append((int(r["round"]), float(r["miou"])))
     clusters = (run.results.get("extra") or {}).get("clusters") or {}

@@ -1,0 +1,273 @@
+"""The stages after the CAMs: refinement into pseudo masks, a segmentation network trained on them.
+
+A run's ``stages`` (``[cam]``, ``[cam, refine]``, ``[cam, refine, segment]``, ``[cam, segment]``)
+picks them.  Both work on the method's final CAMs (the ``final`` rows; other rounds are not
+refined) and give rows scored by the same evaluator as the CAMs
+(:func:`wsss_bench.evaluation.masks.evaluate_masks`), with ``stage`` ``refined:<refiner>`` or
+``seg``, the CAM method they started from, the ignore policy, the coverage and the refiner's
+protocol (``crf: used|absent``, weights and their checksum).
+
+Artifacts, each a cached stage (store, ``--resume``, ``--force refine`` / ``--force segment``):
+
+    RUN/cams/<tag>/<train_split>/      the final model's CAMs on the training split
+    RUN/refine/<refiner>.pth           the refiner's fitted state (``refine:fit``)
+    RUN/refined/<refiner>/<split>/     pseudo masks, one VOC-palette <id>.png per image
+    RUN/segment/segment.pth            the segmentation network (``segment:train``)
+    RUN/segment/pred/<split>/          its label maps
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from .. import io
+from ..data.voc import VOCDataset
+from ..evaluation.evaluate import EvalResult, save_confusions
+from ..evaluation.masks import evaluate_masks
+from ..evaluation.rows import SEG, refined_stage
+from ..refinement import BuiltRefiner, build_refiner, refine_images
+from .context import MethodContext
+from .stage_cache import Stage, digest
+
+log = logging.getLogger("wsss_bench")
+
+#: The marker a finished mask folder holds: the key of the inputs it was made from.
+INPUTS = ".inputs"
+
+
+def final_rows(rows: list[dict[str, Any]], num_splits: int) -> list[dict[str, Any]]:
+    """The rows of the method's final CAMs: those marked ``final``, else the last per split."""
+    return [r for r in rows if r.get("final")] or rows[-num_splits:]
+
+
+def later_stages(ctx: MethodContext, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Run the configured stages after ``cam`` on ``rows`` (the method's rows); returns the new
+    rows and a summary for ``results.json`` (``{"refine": {...}, "segment": {...}}``)."""
+    stages = ctx.config.stages
+    if stages == ["cam"]:
+        return [], {}
+    final = [r for r in final_rows(rows, len(ctx.eval_sets)) if r.get("head", "parent") == "parent"]
+    if not final:
+        raise ValueError("the method returned no final parent-head rows to refine")
+    source = final[0]
+    ctx.info(f"later stages {stages[1:]} on {source['tag']} ({source['protocol']['cam_method']})")
+    train_cams = ctx.split_cams_like(source, ctx.train_set)
+    new_rows: list[dict[str, Any]] = []
+    summary: dict[str, Any] = {}
+    train_masks: Optional[Path] = None
+    if "refine" in stages:
+        refined, summary["refine"], train_masks = refine_stage(ctx, source, final, train_cams,
+                                                               with_train="segment" in stages)
+        new_rows += refined
+    if "segment" in stages:
+        if train_masks is None:   # [cam, segment]: the CAMs' own pseudo masks at the threshold
+            train_masks = threshold_masks(ctx, train_cams)
+        segmented, summary["segment"] = segment_stage(ctx, source, final, train_masks)
+        new_rows += segmented
+    return new_rows, summary
+
+
+# -- refinement -------------------------------------------------------------------------------
+def refine_stage(ctx: MethodContext, source: dict[str, Any], final: list[dict[str, Any]], train_cams: Path,
+                 with_train: bool) -> tuple[list[dict[str, Any]], dict[str, Any], Optional[Path]]:
+    """Fit the refiner on the training split's CAMs (when it learns), refine every evaluation
+    split's final CAMs (and the training split's, for segmentation), score them."""
+    cfg = ctx.config.refine
+    built = build_refiner(cfg.name, dict(cfg.options), ctx.device)
+    fitted = fit_refiner(ctx, built, train_cams) if built.needs_fit else None
+    # What the masks depend on: the refiner, its options and state, the CAMs.
+    state = {"options": built.options, "fitted": fitted,
+             "weights": built.protocol().get("weights_sha256")}
+    rows = []
+    for r in final:
+        dataset = ctx.eval_sets[r["split"]]
+        out = refine_split(ctx, built, state, ctx.run_dir / r["cams"], dataset)
+        stage = refined_stage(cfg.name)
+        result = ctx.job.on_main(lambda: evaluate_masks(out, dataset, cfg.ignore_policy, ctx.device, stage,
+                                                        per_image=True, cam_method=source["protocol"]["cam_method"]))
+        rows.append(_mask_row(ctx, r, result, out, {**built.protocol(), "crf": built.protocol().get("crf", "absent")}))
+    train_masks = refine_split(ctx, built, state, train_cams, ctx.train_set) if with_train else None
+    summary = {"refiner": cfg.name, "options": built.options, "protocol": built.protocol(),
+               "ignore_policy": cfg.ignore_policy, "fitted": fitted}
+    return rows, summary, train_masks
+
+
+def fit_refiner(ctx: MethodContext, built: BuiltRefiner, train_cams: Path) -> str:
+    """``refine:fit``: train the refiner on the training split (or reuse the identical earlier
+    fit: same options, CAMs and images); returns the fitted file's path, relative to the run."""
+    inputs = {"refiner": built.name, "options": built.options, "cams": _folder_digest(train_cams, "*.npz"),
+              "ids": digest(ctx.train_set.ids), "root": str(ctx.train_set.root), "seed": ctx.config.seed}
+    stage = ctx.stages.stage("refine:fit", "refiners", inputs, ".pth")
+    path = ctx.run_dir / "refine" / f"{_safe(built.name)}.pth"
+    marker = path.with_name(path.name + INPUTS)
+
+    def compute() -> None:
+        if stage.forced:
+            marker.unlink(missing_ok=True)
+        if stage.fetch_file(path):
+            io.write_text(marker, stage.key)
+        if path.is_file() and marker.is_file() and marker.read_text() == stage.key:
+            ctx.info(f"refine:fit: reusing {path}")
+            built.refiner.load_fitted(path)
+            stage.record([path], reused=True)
+            return
+        marker.unlink(missing_ok=True)
+        built.refiner.fit(ctx.train_set, train_cams, path, ctx.device, show_progress=ctx.show_progress)
+        io.write_text(marker, stage.key)   # after the file: a marker means a finished fit
+        stage.record([path])
+        stage.publish_file(path)
+
+    ctx.job.on_main(compute)
+    if not ctx.job.is_main:
+        built.refiner.load_fitted(path)
+    return str(path.relative_to(ctx.run_dir))
+
+
+def refine_split(ctx: MethodContext, built: BuiltRefiner, state: dict[str, Any], cam_dir: Path,
+                 dataset: VOCDataset) -> Path:
+    """``refine:<split>``: the split's pseudo masks (cached; a resumed stage keeps the masks
+    already written under the same inputs)."""
+    inputs = {**state, "refiner": built.name, "cams": _folder_digest(cam_dir, "*.npz"),
+              "ids": digest(dataset.ids), "root": str(dataset.root)}
+    stage = ctx.stages.stage(f"refine:{dataset.split}", "refined", inputs)
+    out = ctx.run_dir / "refined" / _safe(built.name) / dataset.split
+    ctx.job.on_main(lambda: _fill_folder(ctx, stage, out, dataset,
+                                         lambda resume: refine_images(built, cam_dir, dataset, out,
+                                                                      ctx.show_progress, skip_existing=resume)))
+    return out
+
+
+def threshold_masks(ctx: MethodContext, cam_dir: Path) -> Path:
+    """Pseudo masks of the training split from its CAMs at ``eval.threshold`` (no refiner)."""
+    from ..evaluation.pseudo_masks import export_masks
+
+    threshold = ctx.config.eval.threshold
+    inputs = {"cams": _folder_digest(cam_dir, "*.npz"), "threshold": threshold, "ids": digest(ctx.train_set.ids)}
+    stage = ctx.stages.stage(f"masks:{ctx.train_set.split}", "masks", inputs)
+    out = ctx.run_dir / "masks" / ctx.train_set.split
+    ctx.job.on_main(lambda: _fill_folder(ctx, stage, out, ctx.train_set,
+                                         lambda resume: export_masks(cam_dir, ctx.train_set, out, threshold,
+                                                                     device=ctx.device)))
+    return out
+
+
+# -- segmentation -----------------------------------------------------------------------------
+def segment_stage(ctx: MethodContext, source: dict[str, Any], final: list[dict[str, Any]],
+                  train_masks: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Train the segmentation network on the training split's pseudo masks, predict every
+    evaluation split, score (a split overlapping the training split is marked ``seen``)."""
+    from ..engine import segmentation as seg
+
+    cfg = ctx.config.segment
+    backbone = cfg.backbone or ctx.config.backbone
+    options = seg.SegmentOptions(**{"seed": ctx.config.seed, **cfg.options})
+    inputs = {"masks": _folder_digest(train_masks, "*.png"), "backbone": backbone.model_dump(),
+              "options": options.model_dump(mode="json"), "ids": digest(ctx.train_set.ids),
+              "root": str(ctx.train_set.root)}
+    stage = ctx.stages.stage("segment:train", "segmentation", inputs, ".pth")
+    path = ctx.run_dir / "segment" / "segment.pth"
+    marker = path.with_name(path.name + INPUTS)
+    report: dict[str, Any] = {}
+
+    def train() -> None:
+        if stage.forced:
+            marker.unlink(missing_ok=True)
+        if stage.fetch_file(path):
+            io.write_text(marker, stage.key)
+        if path.is_file() and marker.is_file() and marker.read_text() == stage.key:
+            ctx.info(f"segment:train: reusing {path}")
+            stage.record([path], reused=True)
+            return
+        marker.unlink(missing_ok=True)
+        model = seg.build_segmentation(backbone.name, dict(backbone.options), ctx.num_classes, options)
+        trained = seg.train_segmentation(model, ctx.train_set, train_masks, options, ctx.device,
+                                         ctx.show_progress, state_file=path.with_suffix(".state.pth"),
+                                         state_key=stage.key)
+        report.update(trained.to_dict())
+        seg.save_segmentation(path, model, {"backbone": backbone.model_dump(), "num_classes": ctx.num_classes,
+                                            "options": options.model_dump(mode="json"),
+                                            "masks": str(train_masks.relative_to(ctx.run_dir))})
+        path.with_suffix(".state.pth").unlink(missing_ok=True)
+        io.write_text(marker, stage.key)
+        stage.record([path])
+        stage.publish_file(path)
+
+    ctx.job.on_main(train)
+    model = seg.load_segmentation(path).to(ctx.device)
+    train_ids = set(ctx.train_set.ids)
+    rows = []
+    for split, dataset in ctx.eval_sets.items():
+        out = ctx.run_dir / "segment" / "pred" / split
+        pred_stage = ctx.stages.stage(f"segment:{split}", "segmented",
+                                      {"model": stage.key, "ids": digest(dataset.ids), "root": str(dataset.root),
+                                       "infer": [options.infer_scales, options.infer_flip, options.crf]})
+        ctx.job.on_main(lambda: _fill_folder(ctx, pred_stage, out, dataset,
+                                             lambda resume: seg.predict_split(model, dataset, out, options,
+                                                                              ctx.device, ctx.show_progress)))
+        result = ctx.job.on_main(lambda: evaluate_masks(out, dataset, "background", ctx.device, SEG,
+                                                        per_image=True, cam_method=source["protocol"]["cam_method"]))
+        seen = bool(train_ids & set(dataset.ids))
+        base = next((r for r in final if r["split"] == split), source)
+        rows.append(_mask_row(ctx, base, result, out,
+                              {"segment_backbone": backbone.name, "seen": seen,
+                               "trained_on": f"{ctx.train_set.split} pseudo masks ({train_masks.relative_to(ctx.run_dir)})"}))
+    summary = {"backbone": backbone.model_dump(), "options": options.model_dump(mode="json"),
+               "weights": str(path.relative_to(ctx.run_dir)), "train": report or None,
+               "masks": str(train_masks.relative_to(ctx.run_dir))}
+    return rows, summary
+
+
+# -- shared -----------------------------------------------------------------------------------
+def _fill_folder(ctx: MethodContext, stage: Stage, out: Path, dataset: VOCDataset,
+                 make: Callable[[bool], Any]) -> None:
+    """Fill ``out`` with one ``<id>.png`` per image of ``dataset`` for ``stage``'s key: from
+    the store, from a finished or half-finished earlier attempt with the same key (resumed),
+    or afresh (``make(resume)``); then record and publish it."""
+    marker = out / INPUTS
+    same = marker.is_file() and marker.read_text() == stage.key and not stage.forced
+    if not same:
+        # Masks of other inputs are stale: our own files in our own run folder.
+        for old in out.glob("*.png"):
+            old.unlink()
+        io.write_text(marker, stage.key)
+    fetched = stage.fetch_folder(out, pattern="*.png")
+    missing = [i for i in dataset.ids if not (out / f"{i}.png").is_file()]
+    reused = not missing and (same or fetched)
+    if missing:
+        make(same or fetched)   # resume: keep the masks an interrupted attempt finished
+    stage.publish_folder(out, pattern="*.png")
+    stage.record([out], reused)
+
+
+def _mask_row(ctx: MethodContext, base: dict[str, Any], result: EvalResult, out: Path,
+              protocol: dict[str, Any]) -> dict[str, Any]:
+    """A result row for a scored mask folder, beside the CAM row ``base`` it came from."""
+    stage = result.protocol["stage"]
+    name = f"{base['tag']}-{stage.replace(':', '-')}-{result.split}"
+    row = {"tag": base["tag"], "head": base.get("head", "parent"),
+           **({"round": base["round"]} if "round" in base else {}),
+           "split": result.split, "stage": stage, "miou": result.miou, "num_images": result.num_images,
+           "protocol": {**result.protocol, **protocol}, "per_class": result.per_class,
+           "masks": str(out.relative_to(ctx.run_dir)),
+           "confusions": save_confusions(ctx.run_dir, f"confusions/{name}.npz", result)}
+    return row
+
+
+def _folder_digest(folder: Path, pattern: str) -> str:
+    """A digest of the files of ``folder`` (names and SHA-256s): what a later stage depends on.
+
+    A CAM folder's checksum list (written when it was scored or finished) stands for its files,
+    so large CAM folders are not read again."""
+    from ..evaluation.camfiles import CHECKSUMS
+    from ..io import file_sha256
+
+    listed = Path(folder) / CHECKSUMS
+    if pattern == "*.npz" and listed.is_file():
+        return digest(listed.read_text())
+    return digest({p.name: file_sha256(p) for p in sorted(Path(folder).glob(pattern))})
+
+
+def _safe(name: str) -> str:
+    """A plugin name as a file-name part (``timm:x`` -> ``timm-x``)."""
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
