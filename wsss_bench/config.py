@@ -27,6 +27,13 @@ MIN_SCALE, MAX_SCALE = 1 / 32, 8.0
 MAX_SEED = 2**32 - 1
 
 
+def check_size_range(value: tuple[int, int]) -> tuple[int, int]:
+    """A ``resize_long`` range ``[low, high]``: ``1 <= low <= high`` (pydantic validators)."""
+    if value[0] < 1 or value[0] > value[1]:
+        raise ValueError("must be two sizes [low, high] with 1 <= low <= high")
+    return value
+
+
 class Strict(BaseModel):
     """Base model: unknown keys are errors and values are checked on assignment."""
 
@@ -78,9 +85,7 @@ class TrainConfig(Strict):
     @field_validator("resize_long")
     @classmethod
     def _ordered(cls, value: tuple[int, int]) -> tuple[int, int]:
-        if value[0] < 1 or value[0] > value[1]:
-            raise ValueError("must be two sizes [low, high] with 1 <= low <= high")
-        return value
+        return check_size_range(value)
 
 
 class CamConfig(Strict):

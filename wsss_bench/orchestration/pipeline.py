@@ -100,27 +100,12 @@ def fit_refiner(ctx: MethodContext, built: BuiltRefiner, train_cams: Path) -> st
               "ids": digest(ctx.train_set.ids), "root": str(ctx.train_set.root), "seed": ctx.config.seed}
     stage = ctx.stages.stage("refine:fit", "refiners", inputs, ".pth")
     path = ctx.run_dir / "refine" / f"{_safe(built.name)}.pth"
-    marker = path.with_name(path.name + INPUTS)
 
-    def compute() -> None:
-        if stage.forced:
-            marker.unlink(missing_ok=True)
-        if stage.fetch_file(path):
-            io.write_text(marker, stage.key)
-        if path.is_file() and marker.is_file() and marker.read_text() == stage.key:
-            ctx.info(f"refine:fit: reusing {path}")
-            built.refiner.load_fitted(path)
-            stage.record([path], reused=True)
-            return
-        marker.unlink(missing_ok=True)
+    def fit() -> None:
         built.refiner.fit(ctx.train_set, train_cams, path, ctx.device, show_progress=ctx.show_progress)
-        io.write_text(marker, stage.key)   # after the file: a marker means a finished fit
-        stage.record([path])
-        stage.publish_file(path)
 
-    ctx.job.on_main(compute)
-    if not ctx.job.is_main:
-        built.refiner.load_fitted(path)
+    if ctx.job.on_main(lambda: _cached_file(ctx, stage, path, fit)) or not ctx.job.is_main:
+        built.refiner.load_fitted(path)   # reused: fit() did not run in this process
     return str(path.relative_to(ctx.run_dir))
 
 
@@ -167,19 +152,9 @@ def segment_stage(ctx: MethodContext, source: dict[str, Any], final: list[dict[s
               "root": str(ctx.train_set.root)}
     stage = ctx.stages.stage("segment:train", "segmentation", inputs, ".pth")
     path = ctx.run_dir / "segment" / "segment.pth"
-    marker = path.with_name(path.name + INPUTS)
     report: dict[str, Any] = {}
 
     def train() -> None:
-        if stage.forced:
-            marker.unlink(missing_ok=True)
-        if stage.fetch_file(path):
-            io.write_text(marker, stage.key)
-        if path.is_file() and marker.is_file() and marker.read_text() == stage.key:
-            ctx.info(f"segment:train: reusing {path}")
-            stage.record([path], reused=True)
-            return
-        marker.unlink(missing_ok=True)
         model = seg.build_segmentation(backbone.name, dict(backbone.options), ctx.num_classes, options)
         trained = seg.train_segmentation(model, ctx.train_set, train_masks, options, ctx.device,
                                          ctx.show_progress, state_file=path.with_suffix(".state.pth"),
@@ -189,11 +164,8 @@ def segment_stage(ctx: MethodContext, source: dict[str, Any], final: list[dict[s
                                             "options": options.model_dump(mode="json"),
                                             "masks": str(train_masks.relative_to(ctx.run_dir))})
         path.with_suffix(".state.pth").unlink(missing_ok=True)
-        io.write_text(marker, stage.key)
-        stage.record([path])
-        stage.publish_file(path)
 
-    ctx.job.on_main(train)
+    ctx.job.on_main(lambda: _cached_file(ctx, stage, path, train))
     model = seg.load_segmentation(path).to(ctx.device)
     train_ids = set(ctx.train_set.ids)
     rows = []
@@ -219,6 +191,27 @@ def segment_stage(ctx: MethodContext, source: dict[str, Any], final: list[dict[s
 
 
 # -- shared -----------------------------------------------------------------------------------
+def _cached_file(ctx: MethodContext, stage: Stage, path: Path, make: Callable[[], Any]) -> bool:
+    """Give ``stage`` its one output file ``path``: from the store, or an earlier attempt with the
+    same key (marker ``<path>.inputs``), else ``make()`` writes it.  Records and publishes the
+    stage; returns whether the file was reused (``make`` did not run)."""
+    marker = path.with_name(path.name + INPUTS)
+    if stage.forced:
+        marker.unlink(missing_ok=True)
+    if stage.fetch_file(path):
+        io.write_text(marker, stage.key)
+    if path.is_file() and marker.is_file() and marker.read_text() == stage.key:
+        ctx.info(f"{stage.name}: reusing {path}")
+        stage.record([path], reused=True)
+        return True
+    marker.unlink(missing_ok=True)
+    make()
+    io.write_text(marker, stage.key)   # after the file: a marker means a finished stage
+    stage.record([path])
+    stage.publish_file(path)
+    return False
+
+
 def _fill_folder(ctx: MethodContext, stage: Stage, out: Path, dataset: VOCDataset,
                  make: Callable[[bool], Any]) -> None:
     """Fill ``out`` with one ``<id>.png`` per image of ``dataset`` for ``stage``'s key: from
