@@ -136,7 +136,9 @@ class AffinityRandomWalk:
         opts = self.options
         model = self._fresh()
         settings = AffinityTraining(radius=opts.radius, **opts.train.model_dump())
-        report = train_affinity(model, dataset, Path(cam_dir), settings, torch.device(device), show_progress)
+        # The label stacks go to a temporary folder beside the output (disk, not memory).
+        report = train_affinity(model, dataset, Path(cam_dir), settings, torch.device(device), show_progress,
+                                scratch=Path(out_file).parent)
         checkpoints.save_checkpoint(Path(out_file), model, {
             "kind": "affinity", "backbone": self.protocol["backbone"], "losses": report.epoch_losses,
             "train": opts.train.model_dump(), "cams": str(cam_dir), "split": dataset.split,

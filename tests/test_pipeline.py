@@ -73,6 +73,10 @@ def test_rows_carry_stage_and_cam_method(piped: tuple[Path, Path]) -> None:
     assert seg["train"]["protocol"]["seen"] is True and seg["val"]["protocol"]["seen"] is False
     assert set(results["miou_by_stage"]) == {"cam", "refined:affinity-rw", "seg"}
     assert results["stages"] == ["cam", "refine", "segment"]
+    # one manifest entry per stage: the segmentation network (segment:fit) is not the
+    # predictions on the split named train (segment:train)
+    names = [s["name"] for s in json.loads((run / "manifest.json").read_text())["stages"]]
+    assert len(names) == len(set(names)), names
     # the same evaluator as `wsss eval --masks`: an independent re-score of the folder agrees
     root = piped[0]
     again = evaluate_masks(run / refined[1]["masks"], open_split(root, "val"))
@@ -90,7 +94,8 @@ def test_rerun_reuses_every_stage_and_force_refine_refits(piped: tuple[Path, Pat
     shutil.copytree(run, copy)
     invoke(run_args(root, copy, "cam,refine,segment", "--resume"))
     stages = manifest_stages(copy)
-    assert stages["refine:fit"] is True and stages["refine:val"] is True and stages["segment:train"] is True
+    assert stages["refine:fit"] is True and stages["refine:val"] is True
+    assert stages["segment:fit"] is True and stages["segment:train"] is True   # the network; train's predictions
     before = json.loads((run / "results.json").read_text())["miou_by_stage"]
     assert json.loads((copy / "results.json").read_text())["miou_by_stage"] == before
     invoke(run_args(root, copy, "cam,refine", "--resume", "--force", "refine"))
@@ -111,6 +116,43 @@ def test_half_written_refinement_resumes(piped: tuple[Path, Path], tmp_path: Pat
     invoke(run_args(root, copy, "cam,refine", "--resume"))
     assert (folder / kept[0].name).is_file()
     assert np.array_equal(np.array(_png(folder / kept[0].name)), np.array(_png(run / "refined/affinity-rw/val" / kept[0].name)))
+
+
+def test_refine_sweep_takes_each_splits_value_from_its_selection_split(piped: tuple[Path, Path],
+                                                                        tmp_path: Path) -> None:
+    root, run = piped
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    invoke(run_args(root, copy, "cam,refine", "--resume", "--set", "refine.sweep={alpha: [1, 4, 32]}"))
+    stages = manifest_stages(copy)
+    assert stages["refine:fit"] is True           # fitted once, with the configured options
+    assert {f"refine:{s}:alpha={a}" for s in ("train", "val") for a in (1, 4, 32)} <= set(stages)
+    results = json.loads((copy / "results.json").read_text())
+    refined = {r["split"]: r for r in results["rows"] if r["stage"] == "refined:affinity-rw"}
+    for split, other in (("train", "val"), ("val", "train")):
+        sweep = refined[split]["protocol"]["sweep"]
+        assert sweep["selection_split"] == other and set(sweep["miou"]) == {"1", "4", "32"}
+        best = max(sweep["selection_miou"].items(), key=lambda kv: kv[1])[0]
+        assert str(sweep["value"]) == best and float(best) == refined[split]["protocol"]["alpha"]
+        # the row is that value's folder, and the other split's sweep scored this split's folders
+        assert refined[split]["masks"] == f"refined/affinity-rw/alpha={best}/{split}"
+        assert refined[split]["miou"] == sweep["miou"][best]
+        assert refined[other]["protocol"]["sweep"]["selection_miou"] == sweep["miou"]
+    assert results["refine"]["sweep"]["chosen"] == {s: refined[s]["protocol"]["sweep"]["value"] for s in refined}
+
+
+@pytest.mark.parametrize("sweep", ["{alpha: [1], beta: [2]}", "{alpha: []}", "{alpha: [4, 4]}"])
+def test_bad_sweeps_are_one_line(sweep: str) -> None:
+    with pytest.raises(ConfigError, match="sweep"):
+        load_config(sets=[f"refine.sweep={sweep}"])
+
+
+def test_sweep_values_are_checked_before_any_work(tmp_path: Path, tiny_voc: Path) -> None:
+    result = CliRunner().invoke(cli, ["run", "--data-root", str(tiny_voc), "--out", str(tmp_path / "r"),
+                                      "--stages", "cam,refine", "--set", "refine.sweep={alpha: [4, -1]}",
+                                      "--dry-run"])
+    assert result.exit_code != 0 and "alpha" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "r").exists()
 
 
 def _png(path: Path):

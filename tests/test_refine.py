@@ -284,8 +284,49 @@ def test_train_aff_then_refine_with_our_checkpoint(tmp_path: Path) -> None:
     summary = json.loads((out / "train-aff.json").read_text())
     losses = summary["protocol"]["train_losses"]
     assert len(losses) == 2 and all(np.isfinite(losses))
+    # the label stacks lived in a temporary folder beside the output, removed afterwards
+    assert sorted(p.name for p in out.iterdir()) == ["affinity.pth", "train-aff.json"]
     masks = tmp_path / "masks"
     result = CliRunner().invoke(cli, ["refine", "--cams", str(cams), "--data-root", str(root), "--split", "train",
                                       "--out", str(masks), "--weights", str(out / "affinity.pth"), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert len(list(masks.glob("*.png"))) == 6
+
+
+def test_train_affinity_reads_its_labels_from_disk_and_cleans_up(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The label score stacks are written once and read back per batch (never all held in
+    memory), the same stacks label_scores gives; the folder goes even when training fails."""
+    from wsss_bench.data.voc import open_split
+    from wsss_bench.engine import train_affinity as ta
+
+    root = write_voc_tree(tmp_path / "voc", {"train": [f"i{k}" for k in range(4)]}, num_classes=3, size=(40, 32))
+    ds = open_split(root, "train")
+    cams = tmp_path / "cams"
+    rng = np.random.default_rng(0)
+    for image_id in ds.ids:
+        write_cam(cams / f"{image_id}.npz", np.array([0, 2]), rng.random((2, 32, 40)).astype(np.float32))
+    read: list[tuple[str, np.ndarray]] = []
+    real_load = np.load
+
+    def spy(path, *args, **kwargs):
+        array = real_load(path, *args, **kwargs)
+        if str(path).endswith(".npy"):    # the stacks (CAM files are .npz)
+            read.append((str(path), np.asarray(array)))
+        return array
+
+    monkeypatch.setattr(ta.np, "load", spy)
+    settings = ta.AffinityTraining(epochs=1, batch_size=2, crop_size=32, radius=2, crf="off")
+    scratch = tmp_path / "scratch"
+    ta.train_affinity(tiny_affinity_net(), ds, cams, settings, torch.device("cpu"), scratch=scratch)
+    assert len(read) == 4 and list(scratch.iterdir()) == []
+    stacks = {ta.label_scores(real_load(cams / f"{i}.npz")["cams"]).tobytes() for i in ds.ids}
+    assert {array.tobytes() for _, array in read} == stacks
+
+    def diverge(*args, **kwargs):
+        raise ta.TrainingDiverged("boom")
+
+    monkeypatch.setattr(ta, "affinity_loss", diverge)
+    with pytest.raises(ta.TrainingDiverged):
+        ta.train_affinity(tiny_affinity_net(), ds, cams, settings, torch.device("cpu"), scratch=scratch)
+    assert list(scratch.iterdir()) == []

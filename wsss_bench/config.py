@@ -133,6 +133,10 @@ STAGES = ("cam", "refine", "segment")
 StageName = Literal["cam", "refine", "segment"]
 
 
+#: Values one refine sweep may try: each refines every evaluation split.
+MAX_SWEEP_VALUES = 8
+
+
 class RefineConfig(ComponentConfig):
     """The ``refine`` stage: a refiner plugin (``wsss list refiners``) and how its masks are scored."""
 
@@ -140,6 +144,22 @@ class RefineConfig(ComponentConfig):
     #: Unsure (255) pixels of a pseudo mask: counted as ``background`` or left out (``ignore``,
     #: which inflates mIoU; coverage is stated beside it either way).
     ignore_policy: Literal["background", "ignore"] = "background"
+    #: One refine-time option of the refiner and the values to try, ``{alpha: [2, 4, 8, 16]}``:
+    #: every value refines every evaluation split, and each split's row takes the value that
+    #: scores best on its selection split (``eval.selection_split``, else another evaluation
+    #: split: the rule of the ``heldout`` CAM threshold).  A fitted refiner is fitted once, with
+    #: ``options``; the swept option must not change what fit() learns.  Empty: no sweep.
+    sweep: dict[str, list[Any]] = Field(default_factory=dict)
+
+    @field_validator("sweep")
+    @classmethod
+    def _one_option(cls, value: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        if len(value) > 1:
+            raise ValueError(f"sweeps one option at a time, got {sorted(value)}")
+        for option, values in value.items():
+            if not values or len(values) > MAX_SWEEP_VALUES or len(set(map(repr, values))) != len(values):
+                raise ValueError(f"{option}: 1 to {MAX_SWEEP_VALUES} distinct values, got {values}")
+        return value
 
 
 class SegmentConfig(Strict):

@@ -39,6 +39,7 @@ from ..data.transforms import normalize, random_crop, random_resize_long, resize
 from ..data.voc import IGNORE_INDEX, VOCDataset, read_mask
 from ..device import autocast, derive_seed
 from ..errors import ConfigError, DataError, UserError, WeightsError
+from ..evaluation.masks import check_mask_dir
 from ..evaluation.pseudo_masks import palette_png_bytes
 from ..progress import epoch_line, on_terminal, progress_bar
 from .train import TrainingDiverged, epoch_batches, poly_lr
@@ -227,17 +228,12 @@ def _read_pseudo_mask(path: Path, num_classes: int) -> np.ndarray:
 def check_pseudo_masks(mask_dir: Path, dataset: VOCDataset) -> float:
     """Refuse a mask folder this stage cannot train on; return the share of labelled pixels.
 
-    One :class:`ConfigError` line for: a missing folder, missing ``<id>.png`` of the split (the
-    count and the first one), a mask whose size differs from its image, values above C other
+    One line (:class:`DataError` from :func:`~wsss_bench.evaluation.masks.check_mask_dir`) for a
+    missing folder or missing ``<id>.png`` of the split; one :class:`ConfigError` line for a mask whose size differs from its image, values above C other
     than 255, and a folder without a single labelled (non-255) pixel.
     """
     mask_dir = Path(mask_dir)
-    if not mask_dir.is_dir():
-        raise ConfigError(f"{mask_dir}: pseudo-mask folder not found")
-    missing = [i for i in dataset.ids if not (mask_dir / f"{i}.png").is_file()]
-    if missing:
-        raise ConfigError(f"{mask_dir}: no pseudo mask for {len(missing)} of {len(dataset.ids)} images of "
-                          f"split {dataset.split!r} (first missing: {missing[0]}.png)")
+    check_mask_dir(mask_dir, dataset)   # the folder and one <id>.png per image, as scoring wants
     labelled = total = 0
     for image_id in dataset.ids:
         path = mask_dir / f"{image_id}.png"

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import random
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,21 +142,25 @@ def affinity_loss(features: torch.Tensor, labels: torch.Tensor, pairs: PairIndex
 
 @dataclass
 class _Sample:
-    image: np.ndarray           # normalised [H, W, 3]
-    scores: np.ndarray          # label_scores: [2, 1 + n, H, W]
+    """One training image: its id and keys, and where its label score stacks lie on disk."""
+
+    image_id: str
     keys: np.ndarray
+    scores: Path                # label_scores, float32 [2, 1 + n, H, W] as .npy
 
 
-def _crop_pair(sample: _Sample, size: int, rng: random.Random) -> tuple[np.ndarray, np.ndarray]:
-    """A random ``size`` crop of image and score stacks (zero padding: the mean colour, no
-    score), flipped half the time."""
-    h, w = sample.image.shape[:2]
+def _crop_pair(image: np.ndarray, scores: np.ndarray, size: int,
+               rng: random.Random) -> tuple[np.ndarray, np.ndarray]:
+    """A random ``size`` crop of a normalised image ``[H, W, 3]`` and its score stacks (zero
+    padding: the mean colour, no score), flipped half the time."""
+    h, w = image.shape[:2]
     ch, cw = max(size, h), max(size, w)
-    image = np.zeros((ch, cw, 3), np.float32)
-    maps = np.zeros((*sample.scores.shape[:-2], ch, cw), np.float32)
+    padded = np.zeros((ch, cw, 3), np.float32)
+    maps = np.zeros((*scores.shape[:-2], ch, cw), np.float32)
     oy, ox = rng.randint(0, ch - h), rng.randint(0, cw - w)
-    image[oy:oy + h, ox:ox + w] = sample.image
-    maps[..., oy:oy + h, ox:ox + w] = sample.scores
+    padded[oy:oy + h, ox:ox + w] = image
+    maps[..., oy:oy + h, ox:ox + w] = scores
+    image = padded
     y, x = rng.randint(0, ch - size), rng.randint(0, cw - size)
     image, maps = image[y:y + size, x:x + size], maps[..., y:y + size, x:x + size]
     if rng.random() < 0.5:
@@ -176,8 +181,15 @@ class AffinityLog:
 
 
 def train_affinity(model: AffinityNet, dataset: VOCDataset, cam_dir: Path, settings: AffinityTraining,
-                   device: torch.device, show_progress: bool = False) -> AffinityLog:
-    """Train ``model`` in place on ``dataset``'s images and the CAM files of ``cam_dir``."""
+                   device: torch.device, show_progress: bool = False,
+                   scratch: Optional[Path] = None) -> AffinityLog:
+    """Train ``model`` in place on ``dataset``'s images and the CAM files of ``cam_dir``.
+
+    The label score stacks of every image are computed once (through the CRF, the slow part)
+    and kept as ``.npy`` files in a temporary folder under ``scratch`` (the system's temporary
+    folder when None), removed afterwards; images are read per batch.  Held in memory, the
+    stacks and images of PASCAL VOC's train_aug would take some 70 GB.
+    """
     cam_dir = Path(cam_dir)
     check_cam_dir(cam_dir, dataset.ids, dataset.split)
     stride = model.stride  # the settings' errors come before the CRF's minutes
@@ -190,18 +202,39 @@ def train_affinity(model: AffinityNet, dataset: VOCDataset, cam_dir: Path, setti
                           f"map, too small for pairs within radius {settings.radius}: use at least {smallest}")
     use_crf = crf_used(settings.crf)
     report = AffinityLog(crf="used" if use_crf else "absent")
-    labelling = time.perf_counter()
+    if scratch is not None:
+        Path(scratch).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".train-aff-labels-", dir=scratch) as folder:
+        labelling = time.perf_counter()
+        samples = _write_label_scores(dataset, cam_dir, settings, use_crf, Path(folder), show_progress)
+        if use_crf:
+            report.crf_seconds = time.perf_counter() - labelling
+            log.info("train-aff: CRF labels of %d images in %.1f s", len(samples), report.crf_seconds)
+        _fit(model, dataset, samples, pairs, settings, device, show_progress, report)
+    return report
+
+
+def _write_label_scores(dataset: VOCDataset, cam_dir: Path, settings: AffinityTraining, use_crf: bool,
+                        folder: Path, show_progress: bool) -> list[_Sample]:
+    """Each image's :func:`label_scores` stacks saved to ``folder``; the samples that find them."""
     samples = []
-    # The CRF runs once per image here (PSA runs it offline in infer_cls.py): two CRFs of a
-    # 500x375 image take seconds, so the bar is shown for it.
-    for image_id in progress_bar(dataset.ids, "train-aff labels (CRF)", show_progress and use_crf):
+    # The CRF runs once per image here (PSA runs it offline in infer_cls.py and keeps its
+    # la_crf / ha_crf folders on disk): two CRFs of a 500x375 image take seconds, so the bar is
+    # shown for it.
+    for index, image_id in enumerate(progress_bar(dataset.ids, "train-aff labels (CRF)", show_progress and use_crf)):
         image: Image.Image = dataset.load_image(image_id)
         keys, cams = read_cam(cam_dir / f"{image_id}.npz", dataset.num_classes, (image.size[1], image.size[0]))
         scores = label_scores(cams, settings.fg_alpha, settings.bg_alpha, image if use_crf else None)
-        samples.append(_Sample(normalize(image), scores, keys))
-    if use_crf:
-        report.crf_seconds = time.perf_counter() - labelling
-        log.info("train-aff: CRF labels of %d images in %.1f s", len(samples), report.crf_seconds)
+        path = folder / f"{index}.npy"    # numbered: an image id may hold characters a file name cannot
+        np.save(path, scores, allow_pickle=False)
+        samples.append(_Sample(image_id, keys, path))
+    return samples
+
+
+def _fit(model: AffinityNet, dataset: VOCDataset, samples: list[_Sample], pairs: PairIndex,
+         settings: AffinityTraining, device: torch.device, show_progress: bool, report: AffinityLog) -> None:
+    """The training loop of :func:`train_affinity` (SGD, poly schedule, PSA's loss)."""
+    stride = model.stride
     head = [p for n, p in model.named_parameters() if n.split(".")[0] in (*HEAD_NAMES, "f9")]
     head_ids = {id(p) for p in head}
     trunk = [p for p in model.parameters() if id(p) not in head_ids and p.requires_grad]
@@ -220,7 +253,9 @@ def train_affinity(model: AffinityNet, dataset: VOCDataset, cam_dir: Path, setti
         losses = []
         for index in progress_bar(range(steps_per_epoch), f"train-aff epoch {epoch + 1}", show_progress):
             batch = [samples[i] for i in order[index * settings.batch_size:(index + 1) * settings.batch_size]]
-            crops = [(*_crop_pair(s, settings.crop_size, rng), s.keys) for s in batch]
+            crops = [(*_crop_pair(normalize(dataset.load_image(s.image_id)),
+                                  np.load(s.scores, mmap_mode="r", allow_pickle=False), settings.crop_size, rng),
+                      s.keys) for s in batch]
             # contiguous(): conv backward on the permuted (channels-last strided) batch corrupted
             # the heap with torch 2.14.1 on CPU ("free(): invalid next size").
             images = torch.from_numpy(np.stack([c[0] for c in crops])).permute(0, 3, 1, 2).contiguous().to(device)
@@ -241,4 +276,3 @@ def train_affinity(model: AffinityNet, dataset: VOCDataset, cam_dir: Path, setti
         log.info("train-aff epoch %d/%d: loss %.4f", epoch + 1, settings.epochs, report.epoch_losses[-1])
     report.seconds = time.perf_counter() - started
     model.eval()
-    return report

@@ -12,7 +12,7 @@ Artifacts, each a cached stage (store, ``--resume``, ``--force refine`` / ``--fo
     RUN/cams/<tag>/<train_split>/      the final model's CAMs on the training split
     RUN/refine/<refiner>.pth           the refiner's fitted state (``refine:fit``)
     RUN/refined/<refiner>/<split>/     pseudo masks, one VOC-palette <id>.png per image
-    RUN/segment/segment.pth            the segmentation network (``segment:train``)
+    RUN/segment/segment.pth            the segmentation network (``segment:fit``)
     RUN/segment/pred/<split>/          its label maps
 """
 from __future__ import annotations
@@ -72,25 +72,101 @@ def later_stages(ctx: MethodContext, rows: list[dict[str, Any]]) -> tuple[list[d
 def refine_stage(ctx: MethodContext, source: dict[str, Any], final: list[dict[str, Any]], train_cams: Path,
                  with_train: bool) -> tuple[list[dict[str, Any]], dict[str, Any], Optional[Path]]:
     """Fit the refiner on the training split's CAMs (when it learns), refine every evaluation
-    split's final CAMs (and the training split's, for segmentation), score them."""
+    split's final CAMs (and the training split's, for segmentation), score them.  With
+    ``refine.sweep``, every value of the swept option refines every evaluation split and each
+    split's row takes the value chosen on its selection split (:func:`_choose`)."""
     cfg = ctx.config.refine
-    built = build_refiner(cfg.name, dict(cfg.options), ctx.device)
-    fitted = fit_refiner(ctx, built, train_cams) if built.needs_fit else None
-    # What the masks depend on: the refiner, its options and state, the CAMs.
-    state = {"options": built.options, "fitted": fitted,
-             "weights": built.protocol().get("weights_sha256")}
-    rows = []
+    base = build_refiner(cfg.name, dict(cfg.options), ctx.device)
+    fitted = fit_refiner(ctx, base, train_cams) if base.needs_fit else None
+    option, values = next(iter(cfg.sweep.items()), (None, []))
+    splits = [r["split"] for r in final]
+    needs_default = option is not None and any(ctx.selection_for(s) not in splits for s in splits)
+    if needs_default and _configured(base, option, values) not in values:
+        values = [*values, _configured(base, option, values)]   # for a split without a selection split
+    variants = {None: base} if option is None else {
+        value: _variant(ctx, cfg.name, {**cfg.options, option: value}, fitted) for value in values}
+    scored = _refine_and_score(ctx, variants, option, fitted, final, source["protocol"]["cam_method"])
+    rows, chosen = [], {}
+    for r in final:
+        value, sweep = _choose(option, values, base, r["split"], ctx.selection_for(r["split"]), scored)
+        chosen[r["split"]] = value
+        result, out = scored[value, r["split"]]
+        protocol = {**variants[value].protocol(), "crf": variants[value].protocol().get("crf", "absent")}
+        rows.append(_mask_row(ctx, r, result, out, {**protocol, **({"sweep": sweep} if sweep else {})}))
+    train_masks = None
+    if with_train:
+        selection = ctx.selection_for(ctx.train_set.split)
+        value = _choose(option, values, base, ctx.train_set.split, selection if selection in splits else None,
+                        scored)[0]
+        chosen[ctx.train_set.split] = value
+        train_masks = refine_split(ctx, variants[value], _refine_state(variants[value], fitted), train_cams,
+                                   ctx.train_set, _variant_name(option, value))
+    summary = {"refiner": cfg.name, "options": base.options, "protocol": base.protocol(),
+               "ignore_policy": cfg.ignore_policy, "fitted": fitted}
+    if option is not None:
+        summary["sweep"] = {"option": option, "values": values, "chosen": chosen,
+                            "miou": {split: {str(v): scored[v, split][0].miou for v in values} for split in splits}}
+    return rows, summary, train_masks
+
+
+Scored = dict[tuple[Any, str], tuple[EvalResult, Path]]
+
+
+def _refine_and_score(ctx: MethodContext, variants: dict[Any, BuiltRefiner], option: Optional[str],
+                      fitted: Optional[str], final: list[dict[str, Any]], cam_method: str) -> Scored:
+    """Every variant's masks of every evaluation split, scored: ``{(value, split): (result, folder)}``."""
+    cfg = ctx.config.refine
+    scored: Scored = {}
     for r in final:
         dataset = ctx.eval_sets[r["split"]]
-        out = refine_split(ctx, built, state, ctx.run_dir / r["cams"], dataset)
-        stage = refined_stage(cfg.name)
-        result = ctx.job.on_main(lambda: evaluate_masks(out, dataset, cfg.ignore_policy, ctx.device, stage,
-                                                        per_image=True, cam_method=source["protocol"]["cam_method"]))
-        rows.append(_mask_row(ctx, r, result, out, {**built.protocol(), "crf": built.protocol().get("crf", "absent")}))
-    train_masks = refine_split(ctx, built, state, train_cams, ctx.train_set) if with_train else None
-    summary = {"refiner": cfg.name, "options": built.options, "protocol": built.protocol(),
-               "ignore_policy": cfg.ignore_policy, "fitted": fitted}
-    return rows, summary, train_masks
+        for value, built in variants.items():
+            out = refine_split(ctx, built, _refine_state(built, fitted), ctx.run_dir / r["cams"], dataset,
+                               _variant_name(option, value))
+            result = ctx.job.on_main(lambda: evaluate_masks(out, dataset, cfg.ignore_policy, ctx.device,
+                                                            refined_stage(cfg.name), per_image=True,
+                                                            cam_method=cam_method))
+            scored[value, r["split"]] = (result, out)
+    return scored
+
+
+def _variant(ctx: MethodContext, name: str, options: dict[str, Any], fitted: Optional[str]) -> BuiltRefiner:
+    """The refiner with one swept option changed, using the state the configured one fitted."""
+    built = build_refiner(name, options, ctx.device)
+    if fitted is not None:
+        built.refiner.load_fitted(ctx.run_dir / fitted)
+    return built
+
+
+def _variant_name(option: Optional[str], value: Any) -> Optional[str]:
+    """The sweep value's folder and stage suffix (``alpha=4``), None without a sweep."""
+    return None if option is None else f"{_safe(option)}={_safe(str(value))}"
+
+
+def _refine_state(built: BuiltRefiner, fitted: Optional[str]) -> dict[str, Any]:
+    """What a refiner's masks depend on besides the CAMs: its options and state."""
+    return {"options": built.options, "fitted": fitted, "weights": built.protocol().get("weights_sha256")}
+
+
+def _configured(base: BuiltRefiner, option: str, values: list[Any]) -> Any:
+    """The swept option's configured value (the first swept one if the refiner states none)."""
+    return base.options.get(option, values[0])
+
+
+def _choose(option: Optional[str], values: list[Any], base: BuiltRefiner, split: str, selection: Optional[str],
+            scored: Scored) -> tuple[Any, dict[str, Any]]:
+    """The swept value for ``split``: the best mIoU on ``selection`` (the first of equals), or
+    the configured value when there is no selection split; with what a row states about it."""
+    if option is None:
+        return None, {}
+    if selection is None:
+        value = _configured(base, option, values)
+        return value, {"option": option, "value": value, "selection_split": None,
+                       "miou": {str(v): scored[v, split][0].miou for v in values}}
+    on_selection = {v: scored[v, selection][0].miou for v in values}
+    value = max(values, key=lambda v: on_selection[v])
+    return value, {"option": option, "value": value, "selection_split": selection,
+                   "selection_miou": {str(v): m for v, m in on_selection.items()},
+                   "miou": {str(v): scored[v, split][0].miou for v in values}}
 
 
 def fit_refiner(ctx: MethodContext, built: BuiltRefiner, train_cams: Path) -> str:
@@ -110,13 +186,13 @@ def fit_refiner(ctx: MethodContext, built: BuiltRefiner, train_cams: Path) -> st
 
 
 def refine_split(ctx: MethodContext, built: BuiltRefiner, state: dict[str, Any], cam_dir: Path,
-                 dataset: VOCDataset) -> Path:
-    """``refine:<split>``: the split's pseudo masks (cached; a resumed stage keeps the masks
-    already written under the same inputs)."""
+                 dataset: VOCDataset, variant: Optional[str] = None) -> Path:
+    """``refine:<split>`` (``refine:<split>:<variant>`` for a sweep value): the split's pseudo
+    masks (cached; a resumed stage keeps the masks already written under the same inputs)."""
     inputs = {**state, "refiner": built.name, "cams": _folder_digest(cam_dir, "*.npz"),
               "ids": digest(dataset.ids), "root": str(dataset.root)}
-    stage = ctx.stages.stage(f"refine:{dataset.split}", "refined", inputs)
-    out = ctx.run_dir / "refined" / _safe(built.name) / dataset.split
+    stage = ctx.stages.stage(f"refine:{dataset.split}" + (f":{variant}" if variant else ""), "refined", inputs)
+    out = ctx.run_dir / "refined" / _safe(built.name) / (variant or "") / dataset.split
     ctx.job.on_main(lambda: _fill_folder(ctx, stage, out, dataset,
                                          lambda resume: refine_images(built, cam_dir, dataset, out,
                                                                       ctx.show_progress, skip_existing=resume)))
@@ -150,7 +226,7 @@ def segment_stage(ctx: MethodContext, source: dict[str, Any], final: list[dict[s
     inputs = {"masks": _folder_digest(train_masks, "*.png"), "backbone": backbone.model_dump(),
               "options": options.model_dump(mode="json"), "ids": digest(ctx.train_set.ids),
               "root": str(ctx.train_set.root)}
-    stage = ctx.stages.stage("segment:train", "segmentation", inputs, ".pth")
+    stage = ctx.stages.stage("segment:fit", "segmentation", inputs, ".pth")
     path = ctx.run_dir / "segment" / "segment.pth"
     report: dict[str, Any] = {}
 

@@ -75,7 +75,11 @@ def validate_plugins(config: RunConfig) -> Any:
     with torch.device("meta"):
         registry("backbone").create(config.backbone.name, **config.backbone.options)
     if "refine" in config.stages:
-        registry("refiner").get(config.refine.name).validate_options(dict(config.refine.options))
+        refiner = registry("refiner").get(config.refine.name)
+        refiner.validate_options(dict(config.refine.options))
+        for option, values in config.refine.sweep.items():   # each value is a configuration too
+            for value in values:
+                refiner.validate_options({**config.refine.options, option: value})
     if "segment" in config.stages:
         from ..engine.segmentation import SegmentOptions
 
