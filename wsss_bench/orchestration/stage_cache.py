@@ -20,7 +20,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import shutil
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,10 +112,9 @@ class Stage:
             link_file(output, self.stored)
 
     def publish_folder(self, output: Path, pattern: str = "*.npz") -> None:
-        """Link ``output``'s ``pattern`` files into the store and mark the stored folder complete."""
+        """Publish ``output``'s ``pattern`` files as the stored folder (:func:`publish_tree`)."""
         if self.stored is not None and not (self.stored / COMPLETE).is_file():
-            link_tree(output, self.stored, pattern)
-            io.write_text(self.stored / COMPLETE, "")
+            publish_tree(output, self.stored, pattern)
 
     def record(self, outputs: list[Path], reused: bool = False,
                known: Optional[Mapping[Path, str]] = None) -> None:
@@ -124,10 +125,16 @@ class Stage:
                                       time.perf_counter() - self.started, reused, known)
 
 
+def unique_suffix() -> str:
+    """A temporary name's part no other writer has: host, pid and a random token (processes
+    on two machines sharing a store may have the same pid)."""
+    return f"{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}"
+
+
 def link_file(source: Path, target: Path) -> None:
     """Hard-link ``source`` to ``target`` (copy across file systems); never half-written."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.link")
+    tmp = target.with_name(f".{target.name}.{unique_suffix()}.link")
     try:
         os.link(source, tmp)
     except OSError:
@@ -140,3 +147,35 @@ def link_tree(source: Path, target: Path, pattern: str = "*.npz") -> None:
     for path in source.glob(pattern):
         if not (target / path.name).is_file():
             link_file(path, target / path.name)
+
+
+def publish_tree(source: Path, stored: Path, pattern: str = "*.npz") -> None:
+    """Make ``stored`` a complete copy of ``source``'s ``pattern`` files by one rename.
+
+    The folder is assembled under a temporary name unique to this writer, marked complete, then
+    renamed into place, so a reader sees no folder or a finished one, and two writers of the same
+    stage (two cells, two machines on one shared store) never leave a mixed entry: the first
+    rename wins and the other writer's copy is dropped.  An entry left incomplete by a writer of
+    the earlier file-by-file layout is set aside and replaced.
+    """
+    stored.parent.mkdir(parents=True, exist_ok=True)
+    tmp = stored.with_name(f".{stored.name}.{unique_suffix()}.tmp")
+    try:
+        link_tree(source, tmp, pattern)
+        io.write_text(tmp / COMPLETE, "")
+        try:
+            os.rename(tmp, stored)   # onto nothing, or onto an empty folder
+            return
+        except OSError:
+            if (stored / COMPLETE).is_file():
+                return               # another writer published it first; theirs stands
+        stale = stored.with_name(f".{stored.name}.{unique_suffix()}.stale")
+        try:
+            os.rename(stored, stale)
+            os.rename(tmp, stored)
+        except OSError:
+            return                   # another writer is replacing it at the same moment
+        shutil.rmtree(stale, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
