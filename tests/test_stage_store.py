@@ -79,3 +79,19 @@ def test_temporary_names_differ_per_writer(n: int) -> None:
     names = {unique_suffix() for _ in range(n)}
     assert len(names) == n
     assert all(name.startswith(f"{socket.gethostname()}.{os.getpid()}.") for name in names)
+
+
+def test_a_paused_stage_does_not_count_the_pause(tmp_path: Path) -> None:
+    """A split's CAM stage is paused while the next split's CAMs are inferred: its time in the
+    manifest is its own inference and scoring."""
+    import time
+
+    stage = StageCache().stage("cams:round0:train", "cams", {"x": 1})
+    stage.pause()
+    time.sleep(0.3)
+    stage.resume()
+    assert time.perf_counter() - stage.started < 0.2
+    stage.pause()
+    time.sleep(0.3)
+    stage.record([])   # recording resumes the clock first
+    assert stage.paused is None and time.perf_counter() - stage.started < 0.2

@@ -326,6 +326,7 @@ class MethodContext:
                                   precision=self.config.cams.precision,
                                   rank=self.job.rank, world_size=self.job.world_size)
             reused = sum(self.job.all_gather(written)) == 0
+        cached.pause()   # the other splits' CAMs come next; this one is scored after them
         return _SplitCams(split, dataset, out, cached, reused)
 
     def split_cams_like(self, row: dict[str, Any], dataset: VOCDataset) -> Path:
@@ -358,6 +359,7 @@ class MethodContext:
         scores: dict[str, SplitScores] = {}
         rows = []
         for cams in made:
+            cams.stage.resume()
             scored = score_split(cams.out, cams.dataset, thresholds, per_image_threshold=cfg.threshold,
                                  device=self.device, label="score")
             record_checksums(cams.out, scored.digests)

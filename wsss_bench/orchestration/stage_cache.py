@@ -83,6 +83,18 @@ class Stage:
     forced: bool
     inputs: Any
     started: float = field(default_factory=time.perf_counter)
+    paused: Optional[float] = None
+
+    def pause(self) -> None:
+        """Stop this stage's clock while other work runs (another split's CAMs, inferred before
+        this split is scored), so the manifest's time is this stage's own."""
+        self.paused = time.perf_counter()
+
+    def resume(self) -> None:
+        """Restart the clock :meth:`pause` stopped."""
+        if self.paused is not None:
+            self.started += time.perf_counter() - self.paused
+            self.paused = None
 
     def stored_file(self) -> bool:
         """Whether the store holds this stage's file and it may be used."""
@@ -120,6 +132,7 @@ class Stage:
                known: Optional[Mapping[Path, str]] = None) -> None:
         """Add the finished stage to the run manifest (when there is one); ``known`` holds
         SHA-256s already taken of output files, which are then not read again."""
+        self.resume()
         if self.cache.manifest is not None:
             self.cache.manifest.stage(self.name, self.inputs, outputs,
                                       time.perf_counter() - self.started, reused, known)
