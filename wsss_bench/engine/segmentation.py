@@ -229,8 +229,9 @@ def check_pseudo_masks(mask_dir: Path, dataset: VOCDataset) -> float:
     """Refuse a mask folder this stage cannot train on; return the share of labelled pixels.
 
     One line (:class:`DataError` from :func:`~wsss_bench.evaluation.masks.check_mask_dir`) for a
-    missing folder or missing ``<id>.png`` of the split; one :class:`ConfigError` line for a mask whose size differs from its image, values above C other
-    than 255, and a folder without a single labelled (non-255) pixel.
+    missing folder or missing ``<id>.png`` of the split; one :class:`ConfigError` line for a mask
+    whose size differs from its image, values above C other than 255, and a folder without a
+    single labelled (non-255) pixel.
     """
     mask_dir = Path(mask_dir)
     check_mask_dir(mask_dir, dataset)   # the folder and one <id>.png per image, as scoring wants
