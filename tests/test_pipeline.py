@@ -123,7 +123,7 @@ def test_refine_sweep_takes_each_splits_value_from_its_selection_split(piped: tu
     root, run = piped
     copy = tmp_path / "copy"
     shutil.copytree(run, copy)
-    invoke(run_args(root, copy, "cam,refine", "--resume", "--set", "refine.sweep={alpha: [1, 4, 32]}"))
+    invoke(run_args(root, copy, "cam,refine,segment", "--resume", "--set", "refine.sweep={alpha: [1, 4, 32]}"))
     stages = manifest_stages(copy)
     assert stages["refine:fit"] is True           # fitted once, with the configured options
     assert {f"refine:{s}:alpha={a}" for s in ("train", "val") for a in (1, 4, 32)} <= set(stages)
@@ -138,7 +138,14 @@ def test_refine_sweep_takes_each_splits_value_from_its_selection_split(piped: tu
         assert refined[split]["masks"] == f"refined/affinity-rw/alpha={best}/{split}"
         assert refined[split]["miou"] == sweep["miou"][best]
         assert refined[other]["protocol"]["sweep"]["selection_miou"] == sweep["miou"]
-    assert results["refine"]["sweep"]["chosen"] == {s: refined[s]["protocol"]["sweep"]["value"] for s in refined}
+    chosen = results["refine"]["sweep"]["chosen"]
+    assert {s: v for s, v in chosen.items() if s != "train_aug"} == {
+        s: refined[s]["protocol"]["sweep"]["value"] for s in refined}
+    # the segmentation network trains on the training split's masks of the value chosen on its
+    # selection split (train, the first evaluation split that is not train_aug)
+    on_train = refined["train"]["protocol"]["sweep"]["miou"]
+    assert str(chosen["train_aug"]) == max(on_train.items(), key=lambda kv: kv[1])[0]
+    assert results["segment"]["masks"] == f"refined/affinity-rw/alpha={chosen['train_aug']}/train_aug"
 
 
 @pytest.mark.parametrize("sweep", ["{alpha: [1], beta: [2]}", "{alpha: []}", "{alpha: [4, 4]}"])

@@ -80,32 +80,33 @@ def refine_stage(ctx: MethodContext, source: dict[str, Any], final: list[dict[st
     fitted = fit_refiner(ctx, base, train_cams) if base.needs_fit else None
     option, values = next(iter(cfg.sweep.items()), (None, []))
     splits = [r["split"] for r in final]
-    needs_default = option is not None and any(ctx.selection_for(s) not in splits for s in splits)
-    if needs_default and _configured(base, option, values) not in values:
-        values = [*values, _configured(base, option, values)]   # for a split without a selection split
+    targets = [*splits, *([ctx.train_set.split] if with_train else [])]
+    # Each split's selection split among the refined ones; None: it takes the configured value.
+    selections = {s: sel if (sel := ctx.selection_for(s)) in splits else None for s in targets}
+    if option is not None and None in selections.values() and _configured(base, option, values) not in values:
+        values = [*values, _configured(base, option, values)]
     variants = {None: base} if option is None else {
         value: _variant(ctx, cfg.name, {**cfg.options, option: value}, fitted) for value in values}
     scored = _refine_and_score(ctx, variants, option, fitted, final, source["protocol"]["cam_method"])
-    rows, chosen = [], {}
+    chosen = {s: _choose(option, values, base, s, selections[s], scored) for s in targets}
+    rows = []
     for r in final:
-        value, sweep = _choose(option, values, base, r["split"], ctx.selection_for(r["split"]), scored)
-        chosen[r["split"]] = value
+        value, sweep = chosen[r["split"]]
         result, out = scored[value, r["split"]]
-        protocol = {**variants[value].protocol(), "crf": variants[value].protocol().get("crf", "absent")}
+        protocol = variants[value].protocol()
+        protocol.setdefault("crf", "absent")
         rows.append(_mask_row(ctx, r, result, out, {**protocol, **({"sweep": sweep} if sweep else {})}))
     train_masks = None
     if with_train:
-        selection = ctx.selection_for(ctx.train_set.split)
-        value = _choose(option, values, base, ctx.train_set.split, selection if selection in splits else None,
-                        scored)[0]
-        chosen[ctx.train_set.split] = value
+        value = chosen[ctx.train_set.split][0]
         train_masks = refine_split(ctx, variants[value], _refine_state(variants[value], fitted), train_cams,
                                    ctx.train_set, _variant_name(option, value))
     summary = {"refiner": cfg.name, "options": base.options, "protocol": base.protocol(),
                "ignore_policy": cfg.ignore_policy, "fitted": fitted}
     if option is not None:
-        summary["sweep"] = {"option": option, "values": values, "chosen": chosen,
-                            "miou": {split: {str(v): scored[v, split][0].miou for v in values} for split in splits}}
+        summary["sweep"] = {"option": option, "values": values,
+                            "chosen": {s: value for s, (value, _) in chosen.items()},
+                            "miou": {split: _miou_by_value(scored, values, split) for split in splits}}
     return rows, summary, train_masks
 
 
@@ -152,21 +153,27 @@ def _configured(base: BuiltRefiner, option: str, values: list[Any]) -> Any:
     return base.options.get(option, values[0])
 
 
+def _miou_by_value(scored: Scored, values: list[Any], split: str) -> dict[str, float]:
+    """Each swept value's mIoU on ``split`` (keys as strings: JSON's)."""
+    return {str(v): scored[v, split][0].miou for v in values}
+
+
 def _choose(option: Optional[str], values: list[Any], base: BuiltRefiner, split: str, selection: Optional[str],
             scored: Scored) -> tuple[Any, dict[str, Any]]:
     """The swept value for ``split``: the best mIoU on ``selection`` (the first of equals), or
-    the configured value when there is no selection split; with what a row states about it."""
+    the configured value when there is no selection split; with what a row states about it
+    (``miou``: every value's score on ``split``, when it was refined with every value)."""
     if option is None:
         return None, {}
+    sweep: dict[str, Any] = {"option": option, "selection_split": selection}
     if selection is None:
         value = _configured(base, option, values)
-        return value, {"option": option, "value": value, "selection_split": None,
-                       "miou": {str(v): scored[v, split][0].miou for v in values}}
-    on_selection = {v: scored[v, selection][0].miou for v in values}
-    value = max(values, key=lambda v: on_selection[v])
-    return value, {"option": option, "value": value, "selection_split": selection,
-                   "selection_miou": {str(v): m for v, m in on_selection.items()},
-                   "miou": {str(v): scored[v, split][0].miou for v in values}}
+    else:
+        value = max(values, key=lambda v: scored[v, selection][0].miou)
+        sweep["selection_miou"] = _miou_by_value(scored, values, selection)
+    if (values[0], split) in scored:
+        sweep["miou"] = _miou_by_value(scored, values, split)
+    return value, {**sweep, "value": value}
 
 
 def fit_refiner(ctx: MethodContext, built: BuiltRefiner, train_cams: Path) -> str:
