@@ -67,3 +67,15 @@ def test_the_kit_catches_an_off_by_one_clusterer() -> None:
 @parametrize_plugins("refiner")
 def test_refiner_conforms(case: Case) -> None:
     check_component(case)
+
+
+@parametrize_plugins("launcher")
+def test_launcher_conforms(case: Case) -> None:
+    from wsss_bench.errors import ConfigError
+
+    try:
+        check_component(case)
+    except ConfigError as exc:
+        if "pip install" in str(exc):
+            pytest.skip(f"launcher library not installed: {exc}")
+        raise

@@ -112,6 +112,16 @@ def test_guide_refiner_example_works(tmp_path: Path) -> None:
         unregister_plugin("guide-register_refiners")
 
 
+def test_guide_launcher_example_passes_the_kit() -> None:
+    from wsss_bench.testing import check_launcher
+
+    _with_plugin("register_launchers")
+    try:
+        check_launcher("niced", timeout=60)
+    finally:
+        unregister_plugin("guide-register_launchers")
+
+
 def test_guide_command_example_works(tmp_path: Path) -> None:
     import click
 

@@ -11,11 +11,13 @@ from .components import (
     create_backbone,
     create_clusterer,
     create_dataset,
+    create_launcher,
     create_method,
     create_refiner,
     list_backbones,
     list_clusterers,
     list_datasets,
+    list_launchers,
     list_methods,
     list_refiners,
 )
@@ -42,6 +44,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "__version__", "hookimpl", "UserError", "run", "evaluate", "load_config",
-    "create_backbone", "create_clusterer", "create_dataset", "create_method", "create_refiner",
-    "list_backbones", "list_clusterers", "list_datasets", "list_methods", "list_refiners",
+    "create_backbone", "create_clusterer", "create_dataset", "create_launcher", "create_method",
+    "create_refiner", "list_backbones", "list_clusterers", "list_datasets", "list_launchers", "list_methods",
+    "list_refiners",
 ]

@@ -31,6 +31,11 @@ def create_refiner(name: str, **options: Any) -> Any:
     return registry("refiner").create(name, **options)
 
 
+def create_launcher(name: str, **options: Any) -> Any:
+    """Build a bench launcher by name, e.g. ``create_launcher("submitit", partition="gpu")``."""
+    return registry("launcher").create(name, **options)
+
+
 def _listing(kind: str) -> dict[str, str]:
     reg = registry(kind)
     return {name: reg.components[name].help for name in reg.names()}
@@ -59,3 +64,8 @@ def list_datasets() -> dict[str, str]:
 def list_refiners() -> dict[str, str]:
     """Registered refiner names with their one-line help."""
     return _listing("refiner")
+
+
+def list_launchers() -> dict[str, str]:
+    """Registered bench launcher names with their one-line help."""
+    return _listing("launcher")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, TypedDict, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, Sequence, TypedDict, runtime_checkable
 
 import numpy as np
 
@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover - annotations only; this module stays torc
     from pydantic import BaseModel
 
     from .clustering import ClusterMetadata
+    from .launching import CellJob, JobEnd
     from .orchestration.context import MethodContext
     from .registry import Component
 
@@ -128,6 +129,45 @@ class DatasetProvider(Protocol):
     def prepare(self, root: Optional[Path], cache_dir: Path) -> Path: ...
 
 
+@runtime_checkable
+class Launcher(Protocol):
+    """Starts bench cells somewhere (local processes, SLURM jobs, Ray tasks) and says when they end.
+
+    A cell is a :class:`wsss_bench.launching.CellJob`: one complete command line.  The bench
+    calls ``start(work_dir)`` once (a folder of the bench where the launcher may keep its own
+    files), then ``submit(job) -> job_id`` per cell; ``wait(job_ids, timeout)`` returns the
+    :class:`~wsss_bench.launching.JobEnd` of those that ended within ``timeout`` seconds
+    (possibly none); ``state(job_id)`` is ``"active"`` (queued or running), ``"ended"`` or
+    ``"unknown"`` for any id, also one submitted by an earlier bench process (a resumed bench
+    asks it about cells whose heartbeat has not started); ``cancel(job_id)`` stops a job;
+    ``close()`` ends the launcher's session (jobs still running keep running where the
+    launcher allows it).  Optional: ``cell_threads(default) -> int | None``, the thread count a
+    cell gets when the local rule (``cpu_count // jobs``) gives ``default``: a launcher whose
+    options reserve CPUs per cell returns that number; ``jobs_outlive_driver = False`` for a
+    launcher whose jobs end with the process that submitted them (Ray's tasks), so a resumed
+    bench submits their cells again at once.
+
+    A launcher never reads results: the bench reads each cell's ``exit.json`` and
+    ``results.json`` from its folder.
+    """
+
+    def start(self, work_dir: Path) -> None: ...
+
+    def submit(self, job: "CellJob") -> str: ...
+
+    def wait(self, job_ids: Sequence[str], timeout: float) -> list["JobEnd"]: ...
+
+    def state(self, job_id: str) -> str: ...
+
+    def cancel(self, job_id: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+#: What a launcher object must have (:class:`Launcher`).
+LAUNCHER_METHODS = ("start", "submit", "wait", "state", "cancel", "close")
+
+
 # -- naming ---------------------------------------------------------------------------------------
 def describe(component: Optional["Component"]) -> str:
     """``backbone 'x' (plugin 'p', distribution d 1.2)`` for error messages."""
@@ -180,6 +220,11 @@ def check_created(made: Any, component: "Component") -> Any:
     """What a factory returned, checked against its kind's contract and tagged with its origin."""
     if component.kind == "backbone":
         return check_backbone(made, component)
+    if component.kind == "launcher":
+        missing = [m for m in LAUNCHER_METHODS if not callable(getattr(made, m, None))]
+        if missing:
+            raise violation(component, f"the launcher has no {', '.join(f'{m}()' for m in missing)} "
+                                       "(see wsss_bench.contracts.Launcher)")
     required = REQUIRED_METHOD.get(component.kind)
     if required is not None and not callable(getattr(made, required[0], None)):
         raise violation(component, required[1])
@@ -271,6 +316,26 @@ def check_method_outcome(outcome: Any, component: "Component") -> MethodOutcome:
         if key in outcome and not isinstance(outcome[key], dict):
             raise violation(component, f"run()'s {key!r} must be a dict")
     return outcome  # type: ignore[return-value]
+
+
+def check_job_ends(launcher: Any, ends: Any, submitted: Sequence[str]) -> list["JobEnd"]:
+    """A launcher's ``wait`` answer: a list of :class:`JobEnd` for ids it was asked about."""
+    from .launching import JobEnd
+
+    if not isinstance(ends, (list, tuple)) or not all(isinstance(e, JobEnd) for e in ends):
+        raise violation(launcher, f"wait() must return a list of JobEnd, got {type(ends).__name__}")
+    asked = set(submitted)
+    strange = [e.job_id for e in ends if e.job_id not in asked]
+    if strange:
+        raise violation(launcher, f"wait() reported job ids it was not asked about: {strange}")
+    return list(ends)
+
+
+def check_job_id(launcher: Any, job_id: Any) -> str:
+    """A launcher's ``submit`` answer: a non-empty string."""
+    if not isinstance(job_id, str) or not job_id:
+        raise violation(launcher, f"submit() must return a non-empty job id string, got {job_id!r}")
+    return job_id
 
 
 def check_prepared_root(root: Any, component: "Component") -> Path:

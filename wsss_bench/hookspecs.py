@@ -101,6 +101,20 @@ def register_refiners(register: Register) -> None:
 
 
 @hookspec
+def register_launchers(register: Register) -> None:
+    """Register launchers: what starts a bench's cells (local processes, SLURM jobs, Ray tasks).
+
+    Call ``register(name, factory, help="one line", options=None)``.  ``factory(**options)``
+    returns an object with ``start(work_dir)``, ``submit(job: CellJob) -> str`` (a job id),
+    ``wait(job_ids, timeout) -> list[JobEnd]``, ``state(job_id) -> "active"|"ended"|"unknown"``,
+    ``cancel(job_id)`` and ``close()`` (:class:`wsss_bench.contracts.Launcher`; the host checks
+    all six).  A job is one command line (:class:`wsss_bench.launching.CellJob`); the launcher
+    only runs it: the bench reads the cell's results, exit status and heartbeat from its folder.
+    ``wsss bench FILE --launcher NAME`` selects it.
+    """
+
+
+@hookspec
 def register_commands(cli: "click.Group") -> None:
     """Add sub-commands to the ``wsss`` command-line group, e.g. with ``@cli.command()``."""
 

@@ -34,6 +34,7 @@ _HOOK_OF_KIND = {
     "method": "register_methods",
     "dataset": "register_datasets",
     "refiner": "register_refiners",
+    "launcher": "register_launchers",
 }
 
 

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ValidationError
 
 from .errors import ConfigError, PluginError
 
-KINDS = ("backbone", "clusterer", "method", "dataset", "refiner")
+KINDS = ("backbone", "clusterer", "method", "dataset", "refiner", "launcher")
 
 
 @dataclass(frozen=True)

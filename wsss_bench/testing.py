@@ -81,7 +81,7 @@ def parametrize_plugins(kind: str, plugin: Optional[str] = None) -> Callable[[Ca
 def check_component(case: Case) -> None:
     """Run the check of ``case.kind`` on ``case``."""
     checks = {"backbone": check_backbone, "clusterer": check_clusterer, "method": check_method,
-              "dataset": check_dataset, "refiner": check_refiner}
+              "dataset": check_dataset, "refiner": check_refiner, "launcher": check_launcher}
     checks[case.kind](case.name, **case.options)
 
 
@@ -160,6 +160,53 @@ def check_refiner(name: str, **options: Any) -> None:
         first = contracts.check_refiner_output(refiner.refine(image, cams, keys), (height, width), keys, 5, component)
         again = refiner.refine(image, cams, keys)
         assert np.array_equal(first, again), f"refiner {name!r}: two refinements of one image differ"
+
+
+# -- launchers -----------------------------------------------------------------------------------
+def check_launcher(name: str, timeout: float = 300.0, **options: Any) -> None:
+    """Two jobs through the launcher: one writes a file and exits 3, one is cancelled while it
+    sleeps; both are reported ended (``wait``) with the ids ``submit`` gave, and ``state``
+    answers for them and for an id it never gave.
+
+    A launcher whose library is not installed raises the host's ConfigError naming its extra.
+    """
+    import sys
+    import time
+
+    from .launching import ACTIVE, ENDED, UNKNOWN, CellJob
+    from .plugins import registry
+
+    launcher = registry("launcher").create(name, **options)
+    with tempfile.TemporaryDirectory(prefix="wsss-launcher-") as scratch:
+        folder = Path(scratch)
+        launcher.start(folder / "launcher")
+        try:
+            marker = folder / "ran.txt"
+            job = CellJob("probe", (sys.executable, "-c", f"import pathlib, sys; pathlib.Path({str(marker)!r})"
+                                    ".write_text('ran'); sys.exit(3)"), folder, 1, folder / "probe.log")
+            job_id = contracts.check_job_id(launcher, launcher.submit(job))
+            sleeper = CellJob("sleeper", (sys.executable, "-c", "import time; time.sleep(600)"), folder, 1,
+                              folder / "sleeper.log")
+            sleeper_id = contracts.check_job_id(launcher, launcher.submit(sleeper))
+            assert sleeper_id != job_id, f"launcher {name!r}: two jobs got one id {job_id!r}"
+            ends, deadline = [], time.monotonic() + timeout
+            while not ends and time.monotonic() < deadline:
+                ends = contracts.check_job_ends(launcher, launcher.wait([job_id], 5.0), [job_id])
+            assert ends, f"launcher {name!r}: the job did not end within {timeout} s"
+            assert ends[0].returncode in (3, None), \
+                f"launcher {name!r}: the job exited 3, the launcher says {ends[0].returncode}"
+            assert marker.read_text() == "ran", f"launcher {name!r}: the command did not run"
+            assert launcher.state(job_id) in (ENDED, UNKNOWN)
+            assert launcher.state("no-such-job-0") in (ENDED, UNKNOWN)
+            assert launcher.state(sleeper_id) in (ACTIVE, UNKNOWN)
+            launcher.cancel(sleeper_id)
+            ends, deadline = [], time.monotonic() + 60
+            while not ends and time.monotonic() < deadline:
+                ends = contracts.check_job_ends(launcher, launcher.wait([sleeper_id], 2.0), [sleeper_id])
+            assert ends, f"launcher {name!r}: a cancelled job was not reported ended within 60 s"
+            assert ends[0].returncode != 0, f"launcher {name!r}: a cancelled job reported success"
+        finally:
+            launcher.close()
 
 
 # -- methods --------------------------------------------------------------------------------------

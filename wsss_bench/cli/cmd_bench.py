@@ -22,13 +22,23 @@ import click
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Quick look: a config value over the bench's base (not a matrix axis); repeatable.")
 @click.option("--force", is_flag=True, help="Reuse an --out made with other quick-look overrides.")
+@click.option("--launcher", help="What starts the cells: local (default), submitit (SLURM), ray, "
+                                 "or a plugin's (`wsss list launchers`); overrides the file's launcher.name.")
+@click.option("--launcher-opt", "launcher_opts", multiple=True, metavar="KEY=VALUE",
+              help="A launcher option (value parsed as YAML), e.g. partition=gpu; repeatable.")
 def bench_command(bench_file: Path, out: Optional[Path], dry_run: bool, cache_dir: Optional[Path],
                   tables_only: bool, jobs: int, preset: Optional[str], seeds: Optional[str],
-                  sets: tuple[str, ...], force: bool) -> None:
+                  sets: tuple[str, ...], force: bool, launcher: Optional[str],
+                  launcher_opts: tuple[str, ...]) -> None:
     """Run every cell of a bench matrix (skipping finished ones) and aggregate over seeds.
 
     --preset, --seeds and --set give a quick look at a bench: its own default folder
     (runs/bench-<name>-<hash of the overrides>) and tables marked "quick look".
+
+    --launcher submits each cell as a SLURM job (submitit) or a Ray task instead of a local
+    process; the bench folder and its store must then be on a file system every node sees.
+    Run the same command again to resume: finished cells are skipped, cells still running
+    under an earlier bench process are waited for, not submitted twice.
     """
     from ..orchestration.bench import apply_overrides, expand, load_bench, run_bench
     from ..errors import ConfigError
@@ -43,7 +53,13 @@ def bench_command(bench_file: Path, out: Optional[Path], dry_run: bool, cache_di
             raise ConfigError("--seeds: give at least one seed")
     if dry_run:
         # Each cell gets every check its run makes before writing anything.
-        cells = expand(apply_overrides(load_bench(bench_file), preset, seed_list, sets), strict=False)
+        spec = apply_overrides(load_bench(bench_file), preset, seed_list, sets)
+        from ..orchestration.bench import resolve_launcher
+        from ..plugins import registry
+
+        name, options = resolve_launcher(spec, launcher, launcher_opts)
+        registry("launcher").get(name).validate_options(options)
+        cells = expand(spec, strict=False)
         for cell in cells:
             click.echo(cell.slug if cell.error is None else f"{cell.slug}: invalid: {cell.error}")
         invalid = [c for c in cells if c.error is not None]
@@ -53,12 +69,13 @@ def bench_command(bench_file: Path, out: Optional[Path], dry_run: bool, cache_di
         return
     summary = run_bench(bench_file, out, echo=lambda m: click.echo(m, err=True), store=cache_dir,
                         tables_only=tables_only, jobs=jobs, preset=preset, seeds=seed_list,
-                        sets=sets, force=force)
+                        sets=sets, force=force, launcher=launcher, launcher_options=launcher_opts)
     click.echo(summary["markdown"])
     click.echo(f"bench folder: {summary['out']}")
     bad = [c for c in summary["cells"] if c["status"] in ("failed", "invalid")]
     if bad and not tables_only:
-        listing = "; ".join(f"{c['slug']} ({c['status']}" + (f", log {Path(summary['out']) / c['log']})" if c.get("log") else ")")
+        listing = "; ".join(f"{c['slug']} ({c['status']}" + (f", job {c['job_id']}" if c.get("job_id") else "")
+                            + (f", log {Path(summary['out']) / c['log']})" if c.get("log") else ")")
                             for c in bad[:5])
         more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
         raise ConfigError(f"{len(bad)} of {len(summary['cells'])} bench cells failed: {listing}{more}; "

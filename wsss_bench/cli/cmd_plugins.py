@@ -8,7 +8,7 @@ import click
 from ..plugins import get_state, plugin_infos, registry
 
 _KINDS = {"backbones": "backbone", "clusterers": "clusterer", "methods": "method", "datasets": "dataset",
-          "refiners": "refiner"}
+          "refiners": "refiner", "launchers": "launcher"}
 
 
 @click.command("plugins")
@@ -40,7 +40,7 @@ def plugins_command(as_json: bool) -> None:
 @click.command("list")
 @click.argument("kind", type=click.Choice(sorted(_KINDS)))
 def list_command(kind: str) -> None:
-    """List registered backbones, clusterers, methods or datasets."""
+    """List registered backbones, clusterers, methods, datasets, refiners or launchers."""
     reg = registry(_KINDS[kind])
     for name in reg.names():
         component = reg.components[name]

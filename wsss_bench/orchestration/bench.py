@@ -11,7 +11,8 @@ A bench file::
     labels: {method.options.clusterer.name: clusterer}   # optional column titles
 
 Each cell is a normal run directory ``OUT/cells/<cell>``, run in its own process (so its peak
-memory is its own and a crash cannot take the bench down).  All cells share one
+memory is its own and a crash cannot take the bench down), which a launcher plugin starts: a
+local process, a SLURM job, a Ray task (:mod:`.dispatch`, :mod:`wsss_bench.launching`).  All cells share one
 content-addressed store ``OUT/store``: a classifier, a feature set or a CAM folder whose inputs
 were computed by an earlier cell is linked, not recomputed.  A finished cell is skipped on
 re-runs; an interrupted one resumes.
@@ -25,10 +26,6 @@ import itertools
 import json
 import os
 import re
-import subprocess
-import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -43,9 +40,12 @@ from ..evaluation.miou import miou_from_confusions
 from ..evaluation.rows import CAM, REFINED, SEG, migrate_row
 from ..evaluation.tables import markdown_table, pct
 from . import runlock
+from .cells import Cell, cell_status, finished_meta, next_startable, seed_of  # noqa: F401 - next_startable re-exported
 from .runner import preflight
 
-BENCH_KEYS = {"name", "preset", "base", "matrix", "labels", "description", "overrides"}
+BENCH_KEYS = {"name", "preset", "base", "matrix", "labels", "description", "overrides", "launcher"}
+#: What starts the cells when neither ``--launcher`` nor the bench file names a launcher.
+DEFAULT_LAUNCHER = "local"
 
 #: Family-wise error rate of the seed intervals of one table (Holm), and the bootstrap's level.
 ALPHA = 0.05
@@ -56,32 +56,6 @@ BOOTSTRAP_SEED = 0
 #: models as fixed and the images as draws from a population, which training images are not
 #: (the classifier saw them).
 BOOTSTRAP_SPLITS = ("val",)
-
-
-@dataclass
-class Cell:
-    """One point of the matrix."""
-
-    values: dict[str, Any]
-    config: dict[str, Any]
-    #: Why the cell's config is rejected (it is then never started), else ``None``.
-    error: Optional[str] = None
-
-    @property
-    def slug(self) -> str:
-        """A readable, filesystem-safe id built from the axis values.
-
-        A component given as a mapping (``{name: scorecam, options: {...}}``) shows its ``label``
-        when it has one (a bench-only key, dropped from the config), else its name.
-        """
-        parts = []
-        for key, value in self.values.items():
-            words = key.split(".")
-            title = words[-2] if words[-1] == "name" and len(words) > 1 else words[-1]
-            if isinstance(value, dict) and ("label" in value or "name" in value):
-                value = value.get("label", value.get("name"))
-            parts.append(f"{title}-{value}")
-        return re.sub(r"[^A-Za-z0-9_.=-]+", "_", "__".join(parts))[:180] or "cell"
 
 
 def load_bench(path: Path) -> dict[str, Any]:
@@ -99,6 +73,12 @@ def load_bench(path: Path) -> dict[str, Any]:
             or spec["name"] in (".", ".."):
         raise ConfigError(f"{path}: bench name {spec['name']!r} must be letters, digits, '_', '-' or '.' "
                           "(it names a folder)")
+    section = spec.get("launcher")
+    if section is not None and not (
+            isinstance(section, dict) and set(section) <= {"name", "options"}
+            and isinstance(section.get("name", ""), str) and isinstance(section.get("options") or {}, dict)):
+        raise ConfigError(f"{path}: 'launcher' must be {{name: NAME, options: {{...}}}}, e.g. "
+                          "{name: submitit, options: {partition: gpu}}")
     return spec
 
 
@@ -194,145 +174,12 @@ def expand(spec: dict[str, Any], strict: bool = True) -> list[Cell]:
     return cells
 
 
-# Starts `wsss` in the cell process and, at exit, writes the process's own peak resident size.
-# The rusage of a child (ru_maxrss) is no good here: Linux carries the high-water mark of the
-# address space replaced by exec, i.e. of this (already large) bench process, into the child's
-# figure.  VmHWM belongs to the cell's own address space.
-_CELL_BOOT = """
-import atexit, os, runpy, sys
-def _write_peak():
-    try:
-        with open('/proc/self/status') as status:
-            peak = next(line.split()[1] for line in status if line.startswith('VmHWM:'))
-        with open(os.environ['WSSS_BENCH_PEAK_FILE'], 'w') as out:
-            out.write(peak)
-    except (OSError, StopIteration):
-        pass
-atexit.register(_write_peak)
-sys.argv[0] = 'wsss'
-runpy.run_module('wsss_bench.cli.main', run_name='__main__', alter_sys=True)
-"""
-
-
-@dataclass
-class _Running:
-    """A cell whose process is running."""
-
-    cell: Cell
-    cell_dir: Path
-    proc: subprocess.Popen
-    log: Any
-    started: float
-
-
-def _start_cell(cell: Cell, cell_dir: Path, store: Path, threads: Optional[int]) -> _Running:
-    """Start one cell's ``wsss run`` in a child process."""
-    config_file = cell_dir / "cell-config.yaml"
-    io.write_yaml(config_file, cell.config)
-    peak_file = cell_dir / ".peak-rss-kb"
-    peak_file.unlink(missing_ok=True)
-    cmd = [sys.executable, "-c", _CELL_BOOT, "run", "--config", str(config_file),
-           "--out", str(cell_dir), "--resume", "--cache-dir", str(store), "--quiet"]
-    env = {**os.environ, "WSSS_BENCH_PEAK_FILE": str(peak_file)}
-    if threads is not None:  # parallel cells share the cores instead of oversubscribing them
-        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    log = open(cell_dir / "cell.log", "ab")
-    try:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    except BaseException:
-        log.close()
-        raise
-    return _Running(cell, cell_dir, proc, log, time.perf_counter())
-
-
-def _finish_cell(running: _Running, status: int, usage: Any) -> dict[str, Any]:
-    """Wall time and peak memory of a cell whose process ended."""
-    running.log.close()
-    running.proc.returncode = os.waitstatus_to_exitcode(status)
-    peak_file = running.cell_dir / ".peak-rss-kb"
-    try:
-        peak_kb, source = float(peak_file.read_text()), "VmHWM"
-        peak_file.unlink()
-    except (OSError, ValueError):  # no /proc (macOS): the rusage figure, an upper bound
-        peak_kb, source = usage.ru_maxrss, "ru_maxrss"
-    return {"returncode": running.proc.returncode, "seconds": time.perf_counter() - running.started,
-            "peak_rss_mb": peak_kb / 1024.0, "peak_rss_source": source}
-
-
-def _seed_of(cell: Cell) -> Any:
-    return cell.config.get("seed")
-
-
-def next_startable(pending: list[Cell], running_seeds: set[Any], finished_seeds: set[Any]) -> Optional[int]:
-    """Index of the first pending cell that may start now, or ``None``.
-
-    Cells of one seed share that seed's stages (the baseline classifier, its features): the
-    first to run computes them and puts them in the store.  So a cell waits while another cell
-    of its seed runs, until one cell of that seed has finished; from then on the shared stages
-    are in the store and cells of the seed may run side by side.  (Two cells that both need a
-    stage the first did not compute would both compute it; the store's writes are atomic and
-    the outputs equal, so the cost is time, never a wrong result.)
-    """
-    for index, cell in enumerate(pending):
-        seed = _seed_of(cell)
-        if seed not in running_seeds or seed in finished_seeds:
-            return index
-    return None
-
-
-def _finished_meta(cell_dir: Path, cell: Cell) -> Optional[dict[str, Any]]:
-    """The ``cell.json`` of a cell that finished with exactly this config, else ``None``."""
-    meta_file = cell_dir / "cell.json"
-    if not (meta_file.is_file() and (cell_dir / "results.json").is_file()):
-        return None
-    meta = json.loads(meta_file.read_text())
-    return meta if meta.get("config") == cell.config else None
-
-
-#: A cell whose process failed writes this file; a later success removes it.  ``cell.json`` is
-#: written only for a finished cell; a rejected config writes nothing (it is never started).
-FAILED = "failed.json"
-
-
-def _record_failure(cell_dir: Path, cell: Cell, reason: str, returncode: Optional[int]) -> None:
-    failure = {"config": cell.config, "values": cell.values, "returncode": returncode,
-               "reason": reason, "log": str(cell_dir / "cell.log")}
-    io.write_json(cell_dir / FAILED, failure)
-
-
-def _last_log_line(log_file: Path) -> str:
-    try:
-        lines = log_file.read_text(errors="replace").strip().splitlines()
-    except OSError:
-        return "no output"
-    return lines[-1] if lines else "no output"
-
-
-def cell_status(cell_dir: Path, cell: Cell) -> dict[str, Any]:
-    """``{"status": done|failed|invalid|missing, ...}`` of one cell as its folder shows it.
-
-    ``missing``: not run (yet), or interrupted.  A failure recorded for another config (the
-    bench file changed since) counts as missing.
-    """
-    if cell.error is not None:
-        return {"status": "invalid", "reason": cell.error, "returncode": None, "log": None}
-    if _finished_meta(cell_dir, cell) is not None:
-        return {"status": "done"}
-    try:
-        failure = json.loads((cell_dir / FAILED).read_text())
-    except (OSError, ValueError):
-        failure = None
-    if isinstance(failure, dict) and failure.get("config") == cell.config:
-        return {"status": "failed", "reason": failure.get("reason"), "returncode": failure.get("returncode"),
-                "log": failure.get("log")}
-    return {"status": "missing", "reason": "not run or interrupted", "returncode": None, "log": None}
-
-
 def run_bench(path: Path, out: Optional[Path] = None,
               echo: Any = print, store: Optional[Path] = None,
               tables_only: bool = False, jobs: int = 1, preset: Optional[str] = None,
               seeds: Optional[list[int]] = None, sets: tuple[str, ...] = (),
-              force: bool = False) -> dict[str, Any]:
+              force: bool = False, launcher: Optional[str] = None,
+              launcher_options: Sequence[str] = ()) -> dict[str, Any]:
     """Run (or continue) a bench and write its tables; returns the aggregate.
 
     ``tables_only`` runs nothing: it aggregates the cells finished so far.
@@ -351,10 +198,23 @@ def run_bench(path: Path, out: Optional[Path] = None,
 
     ``preset``, ``seeds`` and ``sets`` give a quick look (:func:`apply_overrides`): its default
     folder is its own, and an ``out`` made with other overrides is refused unless ``force``.
+
+    ``launcher`` (a plugin of kind ``launcher``; default the bench file's ``launcher.name``, else
+    ``local``) starts the cells: local processes, SLURM jobs, Ray tasks.  Whatever starts them,
+    a cell is the same command in the same folder with the same thread count, so the tables do
+    not depend on it.  ``launcher_options`` are ``KEY=VALUE`` strings over the file's
+    ``launcher.options``.  A bench interrupted on any launcher resumes with the same call: a
+    cell still running under an earlier driver is attached to, never submitted twice
+    (:mod:`.dispatch`).
     """
     if jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {jobs}")
     spec = apply_overrides(load_bench(path), preset, seeds, sets)
+    chosen_launcher = resolve_launcher(spec, launcher, launcher_options)
+    if not tables_only:  # a misspelt launcher or option fails now, not after the first cells
+        from ..plugins import registry
+
+        registry("launcher").get(chosen_launcher[0]).validate_options(chosen_launcher[1])
     cells = expand(spec, strict=False)
     suffix = f"-{overrides_digest(spec['overrides'])}" if spec["overrides"] else ""
     out = Path(out or Path("runs") / f"bench-{spec['name']}{suffix}")
@@ -363,74 +223,72 @@ def run_bench(path: Path, out: Optional[Path] = None,
     if not tables_only:
         runlock.acquire(out)  # one bench process per folder (a second one would race its cells)
     try:
-        return _run_cells(spec, cells, out, echo, store, tables_only, jobs)
+        return _run_cells(spec, cells, out, echo, store, tables_only, jobs, chosen_launcher)
     finally:
         if not tables_only:
             runlock.release(out)
 
 
+def resolve_launcher(spec: dict[str, Any], name: Optional[str] = None,
+                     options: Sequence[str] = ()) -> tuple[str, dict[str, Any]]:
+    """The launcher's name and options: ``--launcher``/``--launcher-opt KEY=VALUE`` over the
+    bench file's ``launcher: {name, options}``, else ``local``.  Options given in the file for
+    another launcher than the one chosen are not passed on."""
+    section = spec.get("launcher") or {}
+    chosen = name or section.get("name") or DEFAULT_LAUNCHER
+    merged = dict(section.get("options") or {}) if section.get("name", chosen) == chosen else {}
+    for text in options:
+        if "=" not in text or not text.split("=", 1)[0].strip():
+            raise ConfigError(f"--launcher-opt {text!r}: expected KEY=VALUE, e.g. partition=gpu")
+        key, raw = text.split("=", 1)
+        merged = deep_merge(merged, parse_override(f"{key.strip()}={raw}"))
+    return chosen, merged
+
+
+def open_launcher(name: str, options: dict[str, Any], out: Path) -> Any:
+    """Create the launcher plugin and start it with its folder ``OUT/launcher/<name>``."""
+    from ..plugins import registry
+
+    launcher = registry("launcher").create(name, **options)
+    launcher.start((out / "launcher" / name).resolve())
+    return launcher
+
+
 def _run_cells(spec: dict[str, Any], cells: list[Cell], out: Path, echo: Any, store: Optional[Path],
-               tables_only: bool, jobs: int) -> dict[str, Any]:
-    """The cell loop of :func:`run_bench`, then the tables."""
+               tables_only: bool, jobs: int, launcher: tuple[str, dict[str, Any]]) -> dict[str, Any]:
+    """The cell loop of :func:`run_bench` (:class:`.dispatch.Dispatcher`), then the tables."""
+    from .dispatch import Dispatcher
+
     store = Path(store) if store is not None else out / "store"
+    store.mkdir(parents=True, exist_ok=True)  # a cell checks it sees the store before it starts
     io.write_yaml(out / "bench.yaml", spec)
-    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
-    pending: list[tuple[int, Cell]] = []
     finished_seeds: set[Any] = set()
+    unfinished: list[tuple[int, Cell]] = []
     for number, cell in enumerate(cells, 1):
         if cell.error is not None:
             echo(f"[{number}/{len(cells)}] {cell.slug}: invalid config, not run: {cell.error}")
-        elif _finished_meta(out / "cells" / cell.slug, cell) is not None:
-            finished_seeds.add(_seed_of(cell))
+        elif finished_meta(out / "cells" / cell.slug, cell) is not None:
+            finished_seeds.add(seed_of(cell))
             echo(f"[{number}/{len(cells)}] {cell.slug}: done, skipped")
         elif tables_only:
             echo(f"[{number}/{len(cells)}] {cell.slug}: not finished, left out of the tables")
         else:
-            pending.append((number, cell))
-    running: dict[int, _Running] = {}
-    try:
-        while pending or running:
-            while len(running) < jobs:
-                busy = {_seed_of(r.cell) for r in running.values()}
-                pick = next_startable([c for _, c in pending], busy, finished_seeds)
-                if pick is None:
-                    break
-                number, cell = pending.pop(pick)
-                cell_dir = out / "cells" / cell.slug
-                runlock.mark_run_folder(cell_dir)  # the cell's `wsss run --resume` writes here
-                echo(f"[{number}/{len(cells)}] {cell.slug}")
-                job = _start_cell(cell, cell_dir, store, threads)
-                running[job.proc.pid] = job
-            if not running:
-                break
-            pid, status, usage = os.wait4(-1, 0)
-            job = running.pop(pid, None)
-            if job is None:
-                continue  # not one of ours
-            meta = _finish_cell(job, status, usage)
-            results_file = job.cell_dir / "results.json"
-            if meta["returncode"] != 0 or not results_file.is_file():
-                # Recorded and reported, not fatal: the other cells go on (they do not need this
-                # one: a cell computes whatever shared stage the store lacks).
-                reason = _last_log_line(job.cell_dir / "cell.log")
-                _record_failure(job.cell_dir, job.cell, reason, meta["returncode"])
-                echo(f"  {job.cell.slug} failed (exit {meta['returncode']}): {reason}; "
-                     f"see {job.cell_dir / 'cell.log'}")
-                continue
-            io.write_json(job.cell_dir / "cell.json", {"config": job.cell.config, "values": job.cell.values, **meta})
-            (job.cell_dir / FAILED).unlink(missing_ok=True)
-            finished_seeds.add(_seed_of(job.cell))
-    except BaseException:
-        for job in running.values():  # Ctrl-C or a crash here: do not leave orphans behind
-            job.proc.terminate()
-            job.proc.wait()
-            job.log.close()
-        raise
+            unfinished.append((number, cell))
+    if unfinished:
+        name, options = launcher
+        made = open_launcher(name, options, out)
+        try:
+            dispatcher = Dispatcher(out, store, made, name, jobs, len(cells), echo, finished_seeds)
+            for number, cell in unfinished:
+                dispatcher.adopt(number, cell)
+            dispatcher.run()
+        finally:
+            made.close()
     records, statuses = [], []
     for cell in cells:
         cell_dir = out / "cells" / cell.slug
         statuses.append({"cell": cell, "dir": cell_dir, **cell_status(cell_dir, cell)})
-        meta = _finished_meta(cell_dir, cell)
+        meta = finished_meta(cell_dir, cell)
         if meta is not None:
             records.append({"cell": cell, "results": json.loads((cell_dir / "results.json").read_text()),
                             "meta": meta, "dir": cell_dir})
@@ -786,6 +644,7 @@ def _problems_section(statuses: Sequence[dict[str, Any]], out: Path) -> list[str
     if not bad:
         return []
     table = [[st["cell"].slug, st["status"], "" if st.get("returncode") is None else st["returncode"],
+              f"{st['launcher']} {st['job_id']}" if st.get("job_id") else "",
               (st.get("reason") or "").replace("|", "\\|")[:300],
               _relative(st.get("log"), out) or ""] for st in bad]
     return ["## Failed and missing cells", "",
@@ -793,14 +652,16 @@ def _problems_section(statuses: Sequence[dict[str, Any]], out: Path) -> list[str
             "seeds, marked in the *n seeds* column). *failed*: the cell's run exited with an error "
             "(tried again on the next `wsss bench`); *invalid*: its config is rejected, so it never "
             "ran; *missing*: not run yet or interrupted.", "",
-            markdown_table(["cell", "status", "exit", "reason", "log"], table), ""]
+            markdown_table(["cell", "status", "exit", "job", "reason", "log"], table), ""]
 
 
 def cell_records(statuses: Sequence[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
     """The cells as ``bench.json`` lists them: slug, axis values, status and, when not done, why."""
     return [{"slug": st["cell"].slug, "values": st["cell"].values, "status": st["status"],
              **({"reason": st.get("reason"), "returncode": st.get("returncode"),
-                 "log": _relative(st.get("log"), out)} if st["status"] != "done" else {})}
+                 "log": _relative(st.get("log"), out),
+                 **({"launcher": st["launcher"], "job_id": st["job_id"]} if st.get("job_id") else {})}
+                if st["status"] != "done" else {})}
             for st in statuses]
 
 
