@@ -159,11 +159,18 @@ class Dispatcher:
         io.write_yaml(cell_dir / CELL_CONFIG, cell.config)
         command = cell_command(cell_dir, self.store, self.threads, run_args(cell_dir, self.store))
         job = CellJob(cell.slug, command, cell_dir, self.threads, cell_dir / CELL_LOG)
-        job_id = contracts.check_job_id(self.launcher, self.launcher.submit(job))
+        lease = {"launcher": self.name, "job_id": None, "submitted": time.time(), "threads": self.threads,
+                 "driver_host": socket.gethostname(), "driver_pid": os.getpid(), "command": list(command)}
+        # Leased before the submission, so a driver killed between the two leaves a lease that
+        # a resumed bench honours (for the grace period, or while the heartbeat is fresh).
+        io.write_json(cell_dir / LEASE, lease)
+        try:
+            job_id = contracts.check_job_id(self.launcher, self.launcher.submit(job))
+        except BaseException:
+            self._drop_lease(cell_dir)
+            raise
         now = time.time()
-        io.write_json(cell_dir / LEASE, {"launcher": self.name, "job_id": job_id, "submitted": now,
-                                         "threads": self.threads, "driver_host": socket.gethostname(),
-                                         "driver_pid": os.getpid(), "command": list(command)})
+        io.write_json(cell_dir / LEASE, {**lease, "job_id": job_id, "submitted": now})
         self.active[job_id] = Active(number, cell, cell_dir, job_id, self.name, False, now, self.threads)
         shown = "" if self.name == "local" else f" ({self.name} job {job_id})"
         self.echo(f"[{number}/{self.total}] {cell.slug}{shown}")
