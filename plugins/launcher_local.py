@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from wsss_bench.hookspecs import hookimpl
-from wsss_bench.launching import ACTIVE, ENDED, UNKNOWN, CellJob, JobEnd, pid_alive, torchrun_command
+from wsss_bench.launching import ACTIVE, ENDED, UNKNOWN, CellJob, JobEnd, pid_alive, poll_ends, torchrun_command
 
 
 class LocalOptions(BaseModel):
@@ -49,23 +48,20 @@ class LocalLauncher:
         self._procs[job_id] = proc
         return job_id
 
+    def _ended(self, job_id: str) -> Optional[JobEnd]:
+        proc = self._procs.get(job_id)
+        if proc is None or proc.poll() is None:
+            return None
+        # Before the cell's log is open (a folder it cannot see) it writes to stderr.
+        said = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
+        if proc.stderr:
+            proc.stderr.close()
+        del self._procs[job_id]
+        return JobEnd(job_id, proc.returncode, said.splitlines()[-1] if said else None)
+
     def wait(self, job_ids: Sequence[str], timeout: float) -> list[JobEnd]:
         """The jobs among ``job_ids`` that ended within ``timeout`` seconds."""
-        deadline = time.monotonic() + max(0.0, timeout)
-        while True:
-            ended = []
-            for job_id in job_ids:
-                proc = self._procs.get(job_id)
-                if proc is not None and proc.poll() is not None:
-                    # Before the cell's log is open (a folder it cannot see) it writes to stderr.
-                    said = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
-                    if proc.stderr:
-                        proc.stderr.close()
-                    del self._procs[job_id]
-                    ended.append(JobEnd(job_id, proc.returncode, said.splitlines()[-1] if said else None))
-            if ended or time.monotonic() >= deadline:
-                return ended
-            time.sleep(self.poll_seconds)
+        return poll_ends(job_ids, self._ended, timeout, self.poll_seconds)
 
     def state(self, job_id: str) -> str:
         """``active`` while the process runs (also one started by an earlier bench on this host)."""

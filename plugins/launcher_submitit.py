@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import time
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
@@ -24,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from wsss_bench.errors import ConfigError
 from wsss_bench.hookspecs import hookimpl
-from wsss_bench.launching import ACTIVE, ENDED, UNKNOWN, CellJob, JobEnd, pid_alive, torchrun_command
+from wsss_bench.launching import ACTIVE, ENDED, UNKNOWN, CellJob, JobEnd, pid_alive, poll_ends, torchrun_command
 
 #: SLURM states of a job that is still queued or running.
 _SLURM_ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING",
@@ -151,19 +150,16 @@ class SubmititLauncher:
         reason = lines[-1].strip() if lines else None
         return JobEnd(job_id, None, reason, str(stderr))
 
+    def _ended(self, job_id: str) -> Optional[JobEnd]:
+        submitted = self._jobs.get(job_id)
+        if submitted is None or not submitted.done():
+            return None
+        del self._jobs[job_id]
+        return self._end(job_id, submitted)
+
     def wait(self, job_ids: Sequence[str], timeout: float) -> list[JobEnd]:
         """The jobs among ``job_ids`` that ended within ``timeout`` seconds."""
-        deadline = time.monotonic() + max(0.0, timeout)
-        while True:
-            ended = []
-            for job_id in job_ids:
-                submitted = self._jobs.get(job_id)
-                if submitted is not None and submitted.done():
-                    del self._jobs[job_id]
-                    ended.append(self._end(job_id, submitted))
-            if ended or time.monotonic() >= deadline:
-                return ended
-            time.sleep(min(self.options.poll_seconds, max(0.05, deadline - time.monotonic())))
+        return poll_ends(job_ids, self._ended, timeout, self.options.poll_seconds)
 
     def state(self, job_id: str) -> str:
         """A job's state, also one submitted by an earlier bench process (SLURM: ``sacct``)."""

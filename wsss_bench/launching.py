@@ -27,7 +27,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 #: Files of a cell folder (see the module docstring).
 LEASE = "lease.json"
@@ -135,20 +135,37 @@ def read_json(path: Path) -> Optional[dict[str, Any]]:
     return found if isinstance(found, dict) else None
 
 
+def stale_after(every: float) -> float:
+    """Seconds after its last beat that a heartbeat of interval ``every`` counts as stopped:
+    four intervals plus 5 s (a busy node may be late once or twice)."""
+    return 4 * every + 5
+
+
+def poll_ends(job_ids: Sequence[str], ended: Callable[[str], Optional[JobEnd]], timeout: float,
+              every: float) -> list[JobEnd]:
+    """A launcher's ``wait`` by polling: ``ended(job_id)`` gives a job's :class:`JobEnd` once it
+    has ended (else ``None``); looks every ``every`` seconds until one has or ``timeout`` passed."""
+    deadline = time.monotonic() + max(0.0, timeout)
+    while True:
+        found = [end for end in map(ended, job_ids) if end is not None]
+        if found or time.monotonic() >= deadline:
+            return found
+        time.sleep(min(every, max(0.01, deadline - time.monotonic())))
+
+
 def heartbeat_is_stale(heartbeat: Optional[dict[str, Any]], now: Optional[float] = None) -> bool:
     """Whether a heartbeat record is too old to belong to a live cell.
 
-    Stale after four of its own intervals plus 5 s (a busy node may be late once or twice).
-    The record's time is the cell node's clock, compared with this one: nodes' clocks must
+    Stale :func:`stale_after` its own interval.  The record's time is the cell node's clock, compared with this one: nodes' clocks must
     agree to well within that margin (NTP does).
     """
     if not heartbeat or not isinstance(heartbeat.get("time"), (int, float)):
         return True
     every = heartbeat.get("every")
     every = float(every) if isinstance(every, (int, float)) and every > 0 else HEARTBEAT_SECONDS
-    return (time.time() if now is None else now) - float(heartbeat["time"]) > 4 * every + 5
+    return (time.time() if now is None else now) - float(heartbeat["time"]) > stale_after(every)
 
 
 __all__ = ["ACTIVE", "CELL_CONFIG", "CELL_LOG", "CELL_MODULE", "CellJob", "ENDED", "EXIT", "HEARTBEAT",
            "HEARTBEAT_SECONDS", "JobEnd", "LEASE", "UNKNOWN", "cell_command", "heartbeat_is_stale",
-           "heartbeat_seconds", "pid_alive", "read_json", "torchrun_command"]
+           "heartbeat_seconds", "pid_alive", "poll_ends", "read_json", "stale_after", "torchrun_command"]

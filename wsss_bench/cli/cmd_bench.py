@@ -40,7 +40,7 @@ def bench_command(bench_file: Path, out: Optional[Path], dry_run: bool, cache_di
     Run the same command again to resume: finished cells are skipped, cells still running
     under an earlier bench process are waited for, not submitted twice.
     """
-    from ..orchestration.bench import apply_overrides, expand, load_bench, run_bench
+    from ..orchestration.bench import apply_overrides, checked_launcher, expand, load_bench, run_bench
     from ..errors import ConfigError
 
     seed_list = None
@@ -54,11 +54,7 @@ def bench_command(bench_file: Path, out: Optional[Path], dry_run: bool, cache_di
     if dry_run:
         # Each cell gets every check its run makes before writing anything.
         spec = apply_overrides(load_bench(bench_file), preset, seed_list, sets)
-        from ..orchestration.bench import resolve_launcher
-        from ..plugins import registry
-
-        name, options = resolve_launcher(spec, launcher, launcher_opts)
-        registry("launcher").get(name).validate_options(options)
+        checked_launcher(spec, launcher, launcher_opts)
         cells = expand(spec, strict=False)
         for cell in cells:
             click.echo(cell.slug if cell.error is None else f"{cell.slug}: invalid: {cell.error}")

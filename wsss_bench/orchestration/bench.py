@@ -210,11 +210,9 @@ def run_bench(path: Path, out: Optional[Path] = None,
     if jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {jobs}")
     spec = apply_overrides(load_bench(path), preset, seeds, sets)
-    chosen_launcher = resolve_launcher(spec, launcher, launcher_options)
-    if not tables_only:  # a misspelt launcher or option fails now, not after the first cells
-        from ..plugins import registry
-
-        registry("launcher").get(chosen_launcher[0]).validate_options(chosen_launcher[1])
+    # A misspelt launcher or option fails now, not after the first cells.
+    chosen_launcher = checked_launcher(spec, launcher, launcher_options) if not tables_only else \
+        resolve_launcher(spec, launcher, launcher_options)
     cells = expand(spec, strict=False)
     suffix = f"-{overrides_digest(spec['overrides'])}" if spec["overrides"] else ""
     out = Path(out or Path("runs") / f"bench-{spec['name']}{suffix}")
@@ -242,6 +240,17 @@ def resolve_launcher(spec: dict[str, Any], name: Optional[str] = None,
             raise ConfigError(f"--launcher-opt {text!r}: expected KEY=VALUE, e.g. partition=gpu")
         key, raw = text.split("=", 1)
         merged = deep_merge(merged, parse_override(f"{key.strip()}={raw}"))
+    return chosen, merged
+
+
+def checked_launcher(spec: dict[str, Any], name: Optional[str] = None,
+                     options: Sequence[str] = ()) -> tuple[str, dict[str, Any]]:
+    """:func:`resolve_launcher`, with the name and options checked against the registered
+    launcher (an unknown name or option is a one-line error)."""
+    from ..plugins import registry
+
+    chosen, merged = resolve_launcher(spec, name, options)
+    registry("launcher").get(chosen).validate_options(merged)
     return chosen, merged
 
 

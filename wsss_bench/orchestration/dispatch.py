@@ -20,7 +20,7 @@ import os
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -28,14 +28,15 @@ import yaml
 
 from .. import contracts, io
 from ..launching import (ACTIVE, CELL_CONFIG, CELL_LOG, ENDED, EXIT, HEARTBEAT, LEASE, CellJob, JobEnd,
-                         cell_command, heartbeat_is_stale, heartbeat_seconds, read_json)
+                         cell_command, heartbeat_is_stale, heartbeat_seconds, read_json, stale_after)
 from . import runlock
 from .cells import DONE, FAILED, Cell, last_log_line, next_startable, record_failure, seed_of
+
 
 def lease_grace_seconds() -> float:
     """Seconds a lease without any heartbeat stays live when its launcher cannot say whether the
     job exists (a job still starting on a busy node): the heartbeat's own staleness margin."""
-    return 4 * heartbeat_seconds() + 5
+    return stale_after(heartbeat_seconds())
 
 
 @dataclass
@@ -50,8 +51,6 @@ class Active:
     attached: bool
     submitted: float
     threads: Optional[int]
-    #: When the driver last looked at an attached cell's folder.
-    checked: float = field(default_factory=time.time)
 
 
 def cell_threads(jobs: int, launcher: Any) -> Optional[int]:
@@ -195,11 +194,11 @@ class Dispatcher:
         ``retry_failures``: a failure found on resume is not recorded (the cell is run again).
         """
         cell, cell_dir = slot.cell, slot.cell_dir
+        self._drop_lease(cell_dir)  # ended, whichever way: the submission no longer holds the cell
         exit_record = read_json(cell_dir / EXIT) or {}
         returncode = exit_record.get("returncode", end.returncode if end is not None else None)
         job = {"launcher": slot.launcher, "job_id": slot.job_id}
         if _read_config(cell_dir) != cell.config:
-            self._drop_lease(cell_dir)
             return "foreign"
         if exit_record and returncode == 0 and (cell_dir / "results.json").is_file():
             io.write_json(cell_dir / DONE, {
@@ -209,10 +208,8 @@ class Dispatcher:
                 "threads": slot.threads, "processes": exit_record.get("processes", 1),
                 "host": exit_record.get("host")})
             (cell_dir / FAILED).unlink(missing_ok=True)
-            self._drop_lease(cell_dir)
             self.finished_seeds.add(seed_of(cell))
             return "done"
-        self._drop_lease(cell_dir)
         if retry_failures:
             return "failed"
         if exit_record:
@@ -238,11 +235,9 @@ class Dispatcher:
         self.requeued[slot.cell.slug] = self.requeued.get(slot.cell.slug, 0) + 1
 
     def _watch_attached(self) -> None:
-        now = time.time()
         for job_id, slot in list(self.active.items()):
-            if not slot.attached or now - slot.checked < self.attach_poll_seconds:
+            if not slot.attached:
                 continue
-            slot.checked = now
             if (slot.cell_dir / EXIT).is_file():
                 del self.active[job_id]
                 if self._finish(slot, None) == "foreign":
@@ -276,8 +271,7 @@ class Dispatcher:
                             and read_json(slot.cell_dir / HEARTBEAT) is not None:
                         self._lost(slot, end.reason or "the job ended without an exit record")
                         continue
-                    if self._finish(slot, end) == "foreign":  # cannot happen for our own jobs
-                        self.pending.append((slot.number, slot.cell))
+                    self._finish(slot, end)  # never "foreign": this driver wrote the cell's config
                 self._watch_attached()
         except BaseException:
             for job_id, slot in self.active.items():  # Ctrl-C or a crash: stop what we started
